@@ -1,0 +1,1 @@
+"""The ``spectral-guard`` command line (installed as ``spectral_guard.cli``)."""

@@ -1,0 +1,362 @@
+"""Spectral sensors: pure functions on one weight matrix or a batch of them.
+
+Every function here takes tensors and returns tensors or plain numbers. Nothing reads files, keeps
+state, or touches the autograd graph of its input (inputs are detached unless a function says it is
+differentiable). Low-precision inputs (fp16, bf16, fp8) are upcast before any linear algebra,
+because ``torch.linalg.svdvals`` does not run on them on CPU.
+
+Notation: ``W`` is ``m x n``, ``k = min(m, n)``, ``s_1 >= ... >= s_k >= 0`` its singular values.
+
+* spectral norm      ``s_1``
+* Frobenius norm     ``||W||_F = sqrt(sum s_i^2)``
+* stable rank        ``SR = ||W||_F^2 / s_1^2``           (1 <= SR <= rank(W))
+* stable-rank ratio  ``SR / k``                            (ASSR paper, section 3.1)
+* condition number   ``kappa = s_1 / s_k``, ``inf`` when ``s_k`` is below the rank tolerance
+* effective rank     ``exp(H(p))``, ``p_i = s_i / sum s_j`` (Roy & Vetterli 2007)
+* alpha              power-law exponent of the ESD (eigenvalues ``s_i^2`` of ``W^T W``),
+                     MLE with the median ``xmin`` rule (TempBalance)
+* Fiedler value      second-smallest eigenvalue of the normalized Laplacian of the row graph
+                     with weights ``|cos(w_i, w_j)|`` (ASSR README), see :func:`fiedler_value`
+
+See ``docs/metrics.md`` for costs, errors and references.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+_LOW_PRECISION = {torch.float16, torch.bfloat16}
+
+
+def as_compute_tensor(W: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Detached copy-free view of ``W`` in a dtype linalg can use.
+
+    fp16, bf16 and float8 inputs are upcast to float32 (or ``dtype``); float32/float64 stay as
+    they are unless ``dtype`` asks otherwise. The input is never modified.
+    """
+    W = W.detach()
+    if not W.is_floating_point():
+        raise TypeError(f"expected a floating-point tensor, got {W.dtype}")
+    if dtype is not None:
+        return W.to(dtype)
+    if W.dtype in _LOW_PRECISION or W.element_size() == 1:
+        return W.to(torch.float32)
+    return W
+
+
+def rank_rtol(shape: tuple[int, ...], storage_dtype: torch.dtype) -> float:
+    """Relative tolerance below which a singular value counts as zero.
+
+    ``rtol = eps * sqrt(max(m, n))`` with ``eps`` the machine epsilon of the storage dtype
+    (float32's for 16- and 8-bit storage, whose rounding noise would otherwise hide every
+    condition number above ~100). A singular value ``s_k <= rtol * s_1`` cannot be told apart
+    from the rounding of the stored entries, so ``kappa`` is reported as ``inf``.
+    """
+    m, n = shape[-2], shape[-1]
+    eps_dtype = storage_dtype if storage_dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.finfo(eps_dtype).eps * math.sqrt(max(m, n, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics from singular values (batched over leading dimensions)
+
+
+def stable_rank_from_sv(s: Tensor) -> Tensor:
+    """``SR = sum s_i^2 / s_1^2``; 0 for the zero matrix. ``s`` sorted descending, last dim."""
+    top = s[..., 0] ** 2
+    total = (s**2).sum(-1)
+    return torch.where(top > 0, total / torch.where(top > 0, top, 1), torch.zeros_like(top))
+
+
+def effective_rank_from_sv(s: Tensor) -> Tensor:
+    """Roy & Vetterli effective rank ``exp(-sum p_i log p_i)``, ``p = s / sum s``; 0 for zero."""
+    total = s.sum(-1, keepdim=True)
+    p = s / torch.where(total > 0, total, 1)
+    entropy = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1)), 0).sum(-1)
+    return torch.where(total.squeeze(-1) > 0, torch.exp(entropy), torch.zeros_like(entropy))
+
+
+def condition_number_from_sv(s: Tensor, rtol: float = 0.0) -> Tensor:
+    """``kappa = s_1 / s_k``; ``inf`` when ``s_k <= rtol * s_1`` (singular), ``inf`` for zero."""
+    top, bottom = s[..., 0], s[..., -1]
+    singular = bottom <= rtol * top
+    kappa = top / torch.where(singular, torch.ones_like(bottom), bottom)
+    return torch.where(singular, torch.full_like(top, math.inf), kappa)
+
+
+def singular_values(W: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Exact singular values (descending) by a full SVD in float32, or ``dtype`` (e.g. float64)."""
+    return torch.linalg.svdvals(as_compute_tensor(W, dtype))
+
+
+def spectral_norm(W: Tensor, dtype: torch.dtype | None = None) -> float:
+    """``sigma_max = ||W||_2``."""
+    return float(singular_values(W, dtype)[..., 0])
+
+
+def frobenius_norm(W: Tensor, dtype: torch.dtype | None = None) -> float:
+    """``||W||_F = sqrt(sum_ij W_ij^2)`` (no SVD needed)."""
+    return float(torch.linalg.matrix_norm(as_compute_tensor(W, dtype)))
+
+
+def stable_rank(W: Tensor, dtype: torch.dtype | None = None) -> float:
+    """``SR = ||W||_F^2 / sigma_max^2``."""
+    return float(stable_rank_from_sv(singular_values(W, dtype)))
+
+
+def stable_rank_ratio(W: Tensor, dtype: torch.dtype | None = None) -> float:
+    """``SR / min(m, n)``, in ``(0, 1]``; 1 for a matrix with orthogonal rows or columns."""
+    return stable_rank(W, dtype) / max(min(W.shape[-2:]), 1)
+
+
+def sigma_min(W: Tensor, dtype: torch.dtype | None = None) -> float:
+    """Smallest of the ``min(m, n)`` singular values."""
+    return float(singular_values(W, dtype)[..., -1])
+
+
+def condition_number(W: Tensor, dtype: torch.dtype | None = None) -> float:
+    """``kappa = sigma_max / sigma_min``, ``inf`` when singular to within :func:`rank_rtol`."""
+    s = singular_values(W, dtype)
+    return float(condition_number_from_sv(s, rank_rtol(tuple(W.shape), W.dtype)))
+
+
+def effective_rank(W: Tensor, dtype: torch.dtype | None = None) -> float:
+    """Roy & Vetterli effective rank, in ``[1, min(m, n)]`` (0 for the zero matrix)."""
+    return float(effective_rank_from_sv(singular_values(W, dtype)))
+
+
+def effective_rank_ratio(W: Tensor, dtype: torch.dtype | None = None) -> float:
+    """Effective rank over ``min(m, n)``."""
+    return effective_rank(W, dtype) / max(min(W.shape[-2:]), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Heavy-tailed self-regularization exponent
+
+
+def powerlaw_alpha(eigs: Tensor, xmin: float | None = None) -> float:
+    """Power-law exponent of an empirical spectral density by maximum likelihood.
+
+    For eigenvalues ``lambda_i >= xmin`` (``n_tail`` of them), the continuous power-law MLE
+    (Clauset, Shalizi & Newman 2009) is ``alpha = 1 + n_tail / sum log(lambda_i / xmin)``.
+    Default ``xmin`` is the median of the positive eigenvalues (the rule TempBalance uses:
+    fit the upper half of the ESD). Returns ``nan`` when fewer than 2 eigenvalues lie in the
+    tail or the tail is degenerate (all equal).
+    """
+    lam = eigs.detach().to(torch.float64).flatten()
+    lam = lam[torch.isfinite(lam) & (lam > 0)]
+    if lam.numel() < 2:
+        return math.nan
+    lam, _ = torch.sort(lam)
+    if xmin is None:
+        xmin = float(lam[(lam.numel() - 1) // 2])
+    tail = lam[lam >= xmin]
+    log_sum = float(torch.log(tail / xmin).sum())
+    if tail.numel() < 2 or log_sum <= 0:
+        return math.nan
+    return 1.0 + tail.numel() / log_sum
+
+
+def esd(W: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Empirical spectral density support: eigenvalues ``s_i^2`` of ``W^T W`` (ascending)."""
+    s = torch.linalg.svdvals(as_compute_tensor(W, dtype))
+    return torch.flip(s**2, dims=(-1,))
+
+
+def alpha_hill(W: Tensor) -> float:
+    """HT-SR alpha of ``W``'s ESD with the median xmin rule (see :func:`powerlaw_alpha`)."""
+    return powerlaw_alpha(esd(W))
+
+
+def farms_windows(shape: tuple[int, int], aspect: float = 1.0, overlap: float = 0.5,
+                  window: int | None = None) -> list[tuple[int, int, int, int]]:
+    """Windows ``(r0, r1, c0, c1)`` of a fixed aspect ratio tiling an ``m x n`` matrix.
+
+    FARMS (Hu et al. 2025) measures heavy-tailedness on submatrices of one fixed aspect ratio
+    ``rows / cols = aspect`` so that matrices of different shapes are compared on equal terms.
+    The window's short side is ``window`` (default: as large as fits); windows step by
+    ``(1 - overlap)`` of their size along each axis, and the last window is flush with the edge.
+    """
+    m, n = shape
+    if window is None:
+        window = min(n, int(m / aspect)) if aspect >= 1 else min(m, int(n * aspect))
+    rows = max(1, int(round(window * aspect))) if aspect >= 1 else window
+    cols = window if aspect >= 1 else max(1, int(round(window / aspect)))
+    rows, cols = min(rows, m), min(cols, n)
+
+    def starts(size: int, length: int) -> list[int]:
+        step = max(1, int(length * (1 - overlap)))
+        out = list(range(0, max(size - length, 0) + 1, step))
+        if out[-1] != size - length:
+            out.append(size - length)
+        return out
+
+    return [(r, r + rows, c, c + cols) for r in starts(m, rows) for c in starts(n, cols)]
+
+
+def farms_alpha(W: Tensor, aspect: float = 1.0, overlap: float = 0.5,
+                window: int | None = None) -> float:
+    """FARMS alpha: fit the pooled ESD of fixed-aspect-ratio overlapping submatrices.
+
+    Each window ``X`` contributes the eigenvalues of ``X^T X / rows`` (normalized so windows of
+    one size are on one scale); all windows' eigenvalues are pooled into one ESD and fitted with
+    :func:`powerlaw_alpha`. Windows of one shape are decomposed in one batched SVD.
+    """
+    Wc = as_compute_tensor(W, torch.float64)
+    wins = farms_windows(tuple(Wc.shape), aspect, overlap, window)
+    stack = torch.stack([Wc[r0:r1, c0:c1] for r0, r1, c0, c1 in wins])
+    s = torch.linalg.svdvals(stack)
+    return powerlaw_alpha(s**2 / stack.shape[-2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Fiedler value of the neuron correlation graph
+
+
+def fiedler_value(W: Tensor) -> float:
+    """Algebraic connectivity of the row-similarity graph, as the ASSR README describes it.
+
+    Graph: one node per non-zero row ``w_i`` of ``W`` (all-zero rows are dropped, their cosine
+    is undefined); edge weight ``A_ij = |cos(w_i, w_j)|`` for ``i != j``, ``A_ii = 0``.
+    Returns the second-smallest eigenvalue of the normalized Laplacian
+    ``L = I - D^{-1/2} A D^{-1/2}`` (``D = diag(A 1)``), in ``[0, m/(m-1)]``. Isolated nodes
+    (degree 0) get ``L_ii = 1``, which keeps the spectrum in range.
+
+    Note the direction: rows that are all nearly parallel (rank collapse) form a complete graph
+    with equal weights and the *largest* value, ``m/(m-1)``; mutually orthogonal rows form an
+    edgeless graph with value 0. Cost ``O(m^2 n + m^3)``: use it on a row biopsy.
+    """
+    Wc = as_compute_tensor(W, torch.float64)
+    norms = Wc.norm(dim=1)
+    rows = Wc[norms > 0] / norms[norms > 0, None]
+    m = rows.shape[0]
+    if m < 2:
+        return math.nan
+    A = (rows @ rows.T).abs()
+    A.fill_diagonal_(0)
+    deg = A.sum(1)
+    inv_sqrt = torch.where(deg > 0, deg.clamp_min(1e-300).rsqrt(), torch.zeros_like(deg))
+    L = torch.eye(m, dtype=A.dtype) - inv_sqrt[:, None] * A * inv_sqrt[None, :]
+    return float(torch.linalg.eigvalsh(L)[1].clamp_min(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hygiene
+
+
+@dataclass(frozen=True)
+class Hygiene:
+    """Value-level health of one matrix: counts, no thresholds."""
+
+    nan: int
+    inf: int
+    dead_rows: int
+    dead_cols: int
+    duplicate_rows: int
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nan + self.inf
+
+
+def count_nonfinite(W: Tensor, chunk_rows: int = 4096) -> tuple[int, int]:
+    """``(nan count, inf count)``, scanned in row chunks so no full-size mask is built."""
+    W = W.detach()
+    if W.dim() < 2:
+        W = W.reshape(1, -1)
+    W = W.reshape(-1, W.shape[-1])
+    nan = inf = 0
+    for start in range(0, W.shape[0], chunk_rows):
+        block = W[start:start + chunk_rows]
+        if block.element_size() == 1:
+            block = block.to(torch.float32)
+        nan += int(torch.isnan(block).sum())
+        inf += int(torch.isinf(block).sum())
+    return nan, inf
+
+
+def duplicate_rows(W: Tensor, cos_threshold: float = 0.999, chunk_rows: int = 1024) -> int:
+    """Number of non-zero rows whose cosine similarity with some other row is ``>= threshold``.
+
+    Cost ``O(m^2 n)``, computed in row chunks: run it on a row biopsy for large ``m``.
+    """
+    Wc = as_compute_tensor(W, torch.float32)
+    norms = Wc.norm(dim=1)
+    live = norms > 0
+    rows = Wc[live] / norms[live, None]
+    m = rows.shape[0]
+    dup = torch.zeros(m, dtype=torch.bool)
+    for start in range(0, m, chunk_rows):
+        sim = rows[start:start + chunk_rows] @ rows.T
+        idx = torch.arange(start, min(start + chunk_rows, m))
+        sim[idx - start, idx] = -2.0
+        dup[start:start + chunk_rows] = (sim >= cos_threshold).any(dim=1)
+    return int(dup.sum())
+
+
+def hygiene(W: Tensor, duplicate_threshold: float = 0.999) -> Hygiene:
+    """NaN/Inf counts, all-zero rows (dead output units) and columns (dead inputs), and
+    near-duplicate rows. Non-finite entries are ignored when judging zero rows/columns."""
+    nan, inf = count_nonfinite(W)
+    Wc = as_compute_tensor(W)
+    finite = torch.nan_to_num(Wc, nan=1.0, posinf=1.0, neginf=1.0)
+    zero = finite == 0
+    dead_rows = int(zero.all(dim=1).sum())
+    dead_cols = int(zero.all(dim=0).sum())
+    dups = duplicate_rows(finite, duplicate_threshold) if nan + inf == 0 else 0
+    return Hygiene(nan, inf, dead_rows, dead_cols, dups)
+
+
+# ----------------------------------------------------------------------------------------------
+# One-call summary
+
+
+@dataclass(frozen=True)
+class SpectralMetrics:
+    """Spectral sensors of one matrix. Values are ``nan`` when the matrix is not finite."""
+
+    shape: tuple[int, int]
+    sigma_max: float
+    sigma_min: float
+    frobenius: float
+    stable_rank: float
+    stable_rank_ratio: float
+    condition_number: float
+    effective_rank: float
+    effective_rank_ratio: float
+    alpha: float = math.nan
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def metrics_from_singular_values(s: Tensor, shape: tuple[int, int], rtol: float = 0.0,
+                                 alpha: bool = False) -> SpectralMetrics:
+    """Every SVD-based sensor from one descending vector of singular values ``s``."""
+    s = s.detach().to(torch.float64)
+    k = max(min(shape[-2], shape[-1]), 1)
+    sr = float(stable_rank_from_sv(s))
+    er = float(effective_rank_from_sv(s))
+    return SpectralMetrics(
+        shape=(int(shape[-2]), int(shape[-1])),
+        sigma_max=float(s[0]),
+        sigma_min=float(s[-1]),
+        frobenius=float(torch.sqrt((s**2).sum())),
+        stable_rank=sr,
+        stable_rank_ratio=sr / k,
+        condition_number=float(condition_number_from_sv(s, rtol)),
+        effective_rank=er,
+        effective_rank_ratio=er / k,
+        alpha=powerlaw_alpha(s**2) if alpha else math.nan,
+    )
+
+
+def nonfinite_metrics(shape: tuple[int, int]) -> SpectralMetrics:
+    nan = math.nan
+    return SpectralMetrics((int(shape[-2]), int(shape[-1])), nan, nan, nan, nan, nan, nan, nan,
+                           nan, nan)

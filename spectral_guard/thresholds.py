@@ -1,0 +1,181 @@
+"""Thresholds: the one file format shared by the audit, calibration and the training-time guard.
+
+A thresholds file is versioned JSON::
+
+    {
+      "format": "spectral_guard.thresholds",
+      "schema_version": 1,
+      "provenance": {"source": "...", ...},          # free-form, strings/numbers
+      "default": {<rule fields>},                     # applies to every matrix
+      "groups": [                                     # first matching group wins
+        {"name": "embeddings_and_heads", "pattern": "<regex>", "rule": {<overrides>}}
+      ]
+    }
+
+Rule fields are numbers or ``null`` (``null`` switches that check off). ``pattern`` is a Python
+regular expression searched (``re.search``) in the parameter name, e.g.
+``model.layers.3.mlp.down_proj.weight``; the guard matches ``<module path>.weight``.
+The shipped defaults are ``spectral_guard/data/default_thresholds.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+FORMAT = "spectral_guard.thresholds"
+SCHEMA_VERSION = 1
+
+
+class ThresholdsError(ValueError):
+    """A thresholds file that cannot be used (message is one line, for the CLI)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Per-matrix limits. ``None`` disables a check.
+
+    Audit (absolute, on one checkpoint):
+      stable_rank_min            collapsed if ``SR < value`` (a few directions dominate)
+      stable_rank_ratio_min      collapsed if ``SR / min(m, n) < value``
+      effective_rank_ratio_min   collapsed if ``erank / min(m, n) < value``
+      condition_number_max       ill_conditioned if ``kappa > value``
+      dead_unit_fraction_max     dead_units if the fraction of all-zero rows or columns > value
+      duplicate_row_fraction_max suspicious if the fraction of near-duplicate rows > value
+      alpha_min, alpha_max       suspicious if the HT-SR alpha is outside ``[alpha_min, alpha_max]``
+
+    Guard (relative to the layer's own value when it was instrumented):
+      effective_rank_retention_min   trigger collapse pressure if ``erank / erank_0 < value``
+      stable_rank_retention_min      trigger collapse pressure if ``SR / SR_0 < value``
+      condition_number_growth_max    trigger conditioning pressure if ``kappa / kappa_0 > value``
+      fiedler_max                    trigger if the Fiedler value exceeds value (see sensors)
+    """
+
+    stable_rank_min: float | None = None
+    stable_rank_ratio_min: float | None = None
+    effective_rank_ratio_min: float | None = None
+    condition_number_max: float | None = None
+    dead_unit_fraction_max: float | None = None
+    duplicate_row_fraction_max: float | None = None
+    alpha_min: float | None = None
+    alpha_max: float | None = None
+    effective_rank_retention_min: float | None = None
+    stable_rank_retention_min: float | None = None
+    condition_number_growth_max: float | None = None
+    fiedler_max: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> Rule:
+        return cls(**_checked_fields(cls, data, where))
+
+    def merged(self, overrides: dict[str, Any]) -> Rule:
+        return replace(self, **overrides)
+
+
+def _checked_fields(cls, data: Any, where: str) -> dict[str, float | None]:
+    if not isinstance(data, dict):
+        raise ThresholdsError(f"{where}: expected an object of rule fields")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ThresholdsError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    out: dict[str, float | None] = {}
+    for key, value in data.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ThresholdsError(f"{where}.{key}: expected a number or null, got {value!r}")
+        out[key] = None if value is None else float(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Group:
+    """Named role group: matrices whose name matches ``pattern`` use ``overrides``."""
+
+    name: str
+    pattern: str
+    overrides: dict[str, float | None]
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Default rule plus role groups; :meth:`rule_for` resolves one matrix's rule."""
+
+    default: Rule = field(default_factory=Rule)
+    groups: tuple[Group, ...] = ()
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def rule_for(self, name: str) -> Rule:
+        for group in self.groups:
+            if group.matches(name):
+                return self.default.merged(group.overrides)
+        return self.default
+
+    def group_for(self, name: str) -> str | None:
+        return next((g.name for g in self.groups if g.matches(name)), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "provenance": dict(self.provenance),
+            "default": asdict(self.default),
+            "groups": [{"name": g.name, "pattern": g.pattern, "rule": dict(g.overrides)}
+                       for g in self.groups],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "thresholds") -> Thresholds:
+        if not isinstance(data, dict):
+            raise ThresholdsError(f"{source}: expected a JSON object")
+        if data.get("format") != FORMAT:
+            raise ThresholdsError(f"{source}: not a spectral_guard thresholds file "
+                                  f"(format must be {FORMAT!r})")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ThresholdsError(f"{source}: unsupported schema_version {version!r} "
+                                  f"(this version reads {SCHEMA_VERSION})")
+        default = Rule.from_dict(data.get("default", {}), f"{source}: default")
+        groups = []
+        for i, g in enumerate(data.get("groups", [])):
+            where = f"{source}: groups[{i}]"
+            if not isinstance(g, dict) or not isinstance(g.get("pattern"), str):
+                raise ThresholdsError(f"{where}: needs a string 'pattern'")
+            try:
+                re.compile(g["pattern"])
+            except re.error as exc:
+                raise ThresholdsError(f"{where}: bad pattern: {exc}") from None
+            overrides = _checked_fields(Rule, g.get("rule", {}), where)
+            groups.append(Group(str(g.get("name", f"group{i}")), g["pattern"], overrides))
+        provenance = data.get("provenance", {})
+        if not isinstance(provenance, dict):
+            raise ThresholdsError(f"{source}: provenance must be an object")
+        return cls(default, tuple(groups), provenance)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_thresholds(path: str | Path | None = None) -> Thresholds:
+    """Read a thresholds file; ``None`` gives the shipped defaults."""
+    if path is None:
+        text = resources.files("spectral_guard.data").joinpath("default_thresholds.json")
+        return Thresholds.from_dict(json.loads(text.read_text()), "default_thresholds.json")
+    p = Path(path)
+    if not p.is_file():
+        raise ThresholdsError(f"{p}: thresholds file not found")
+    try:
+        data = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ThresholdsError(f"{p}: not valid JSON ({exc})") from None
+    return Thresholds.from_dict(data, str(p))
+
+
+def default_thresholds() -> Thresholds:
+    return load_thresholds(None)
