@@ -225,7 +225,8 @@ def fiedler_value(W: Tensor) -> float:
     is undefined); edge weight ``A_ij = |cos(w_i, w_j)|`` for ``i != j``, ``A_ii = 0``.
     Returns the second-smallest eigenvalue of the normalized Laplacian
     ``L = I - D^{-1/2} A D^{-1/2}`` (``D = diag(A 1)``), in ``[0, m/(m-1)]``. Isolated nodes
-    (degree 0) get ``L_ii = 1``, which keeps the spectrum in range.
+    (degree 0) get ``L_ii = 0`` (Chung's convention), so each of them, like each connected
+    component, contributes one zero eigenvalue: a disconnected graph has value 0.
 
     Note the direction: rows that are all nearly parallel (rank collapse) form a complete graph
     with equal weights and the *largest* value, ``m/(m-1)``; mutually orthogonal rows form an
@@ -241,7 +242,7 @@ def fiedler_value(W: Tensor) -> float:
     A.fill_diagonal_(0)
     deg = A.sum(1)
     inv_sqrt = torch.where(deg > 0, deg.clamp_min(1e-300).rsqrt(), torch.zeros_like(deg))
-    L = torch.eye(m, dtype=A.dtype) - inv_sqrt[:, None] * A * inv_sqrt[None, :]
+    L = torch.diag((deg > 0).to(A.dtype)) - inv_sqrt[:, None] * A * inv_sqrt[None, :]
     return float(torch.linalg.eigvalsh(L)[1].clamp_min(0))
 
 
