@@ -1,0 +1,432 @@
+"""Sensors on constructed matrices whose answers are known in closed form, plus independent
+references (float64 SVD, numpy/scipy) for the heavy-tail and graph sensors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from conftest import gen, haar_orthogonal, pareto_quantiles, with_singular_values
+
+from spectral_guard import estimators as E
+from spectral_guard import sensors as S
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed forms
+
+
+@pytest.mark.parametrize("m,n", [(16, 16), (40, 12), (12, 40)])
+def test_orthogonal_rows_or_columns(m, n):
+    Q = haar_orthogonal(max(m, n), gen(1))[:m, :n] * 3.0  # orthonormal columns/rows, times 3
+    for dtype in (None, F64):
+        assert S.stable_rank(Q, dtype) == pytest.approx(min(m, n), rel=1e-5)
+        assert S.stable_rank_ratio(Q, dtype) == pytest.approx(1.0, rel=1e-5)
+        assert S.condition_number(Q, dtype) == pytest.approx(1.0, rel=1e-5)
+        assert S.effective_rank_ratio(Q, dtype) == pytest.approx(1.0, rel=1e-5)
+        assert S.spectral_norm(Q, dtype) == pytest.approx(3.0, rel=1e-5)
+        assert S.sigma_min(Q, dtype) == pytest.approx(3.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,n", [(8, 8), (64, 32), (33, 300), (512, 512)])
+def test_rank_one(m, n, dtype):
+    g = gen(m * 1000 + n)
+    u = torch.randn(m, 1, generator=g, dtype=dtype)
+    v = torch.randn(1, n, generator=g, dtype=dtype)
+    W = u @ v
+    assert S.stable_rank(W) == pytest.approx(1.0, rel=1e-5)
+    assert S.stable_rank_ratio(W) == pytest.approx(1.0 / min(m, n), rel=1e-5)
+    assert S.effective_rank(W) == pytest.approx(1.0, rel=1e-4)
+    assert S.condition_number(W) == math.inf
+    assert S.spectral_norm(W, F64) == pytest.approx(float(u.norm() * v.norm()), rel=1e-6)
+    met = E.spectral_metrics(W)
+    assert met.condition_number == math.inf
+    assert met.stable_rank == pytest.approx(1.0, rel=1e-5)
+
+
+def test_diagonal_every_metric_in_closed_form():
+    s = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5])
+    W = torch.zeros(7, 5)
+    W[range(5), range(5)] = s
+    W = W[torch.tensor([3, 0, 6, 1, 4, 2, 5])]  # permuted rows: still singular values s
+    k = 5
+    fro2 = float((s**2).sum())
+    sr = fro2 / 64.0
+    p = s / s.sum()
+    erank = math.exp(float(-(p * p.log()).sum()))
+    for dtype in (None, F64):
+        assert S.spectral_norm(W, dtype) == pytest.approx(8.0, rel=1e-6)
+        assert S.sigma_min(W, dtype) == pytest.approx(0.5, rel=1e-6)
+        assert S.frobenius_norm(W, dtype) == pytest.approx(math.sqrt(fro2), rel=1e-6)
+        assert S.stable_rank(W, dtype) == pytest.approx(sr, rel=1e-6)
+        assert S.stable_rank_ratio(W, dtype) == pytest.approx(sr / k, rel=1e-6)
+        assert S.condition_number(W, dtype) == pytest.approx(16.0, rel=1e-6)
+        assert S.effective_rank(W, dtype) == pytest.approx(erank, rel=1e-6)
+        assert S.effective_rank_ratio(W, dtype) == pytest.approx(erank / k, rel=1e-6)
+    met = E.spectral_metrics(W)
+    expect = dict(sigma_max=8.0, sigma_min=0.5, frobenius=math.sqrt(fro2), stable_rank=sr,
+                  stable_rank_ratio=sr / k, condition_number=16.0, effective_rank=erank,
+                  effective_rank_ratio=erank / k)
+    for key, value in expect.items():
+        assert getattr(met, key) == pytest.approx(value, rel=1e-6), key
+    assert met.shape == (7, 5)
+    # hand-computed numbers, as a check on the closed forms themselves
+    assert sr == pytest.approx(85.25 / 64)
+    assert 1.0 < erank < 5.0
+
+
+def test_effective_rank_extremes_and_monotonicity():
+    flat = torch.diag(torch.full((10,), 2.0))
+    assert S.effective_rank(flat) == pytest.approx(10.0, rel=1e-6)
+    spiked = torch.diag(torch.tensor([100.0] + [1.0] * 9))
+    assert 1.0 < S.effective_rank(spiked) < S.effective_rank(flat)
+
+
+@pytest.mark.parametrize("m,n", [(256, 256), (512, 128), (1024, 64), (128, 512)])
+def test_gaussian_stable_rank_ratio_matches_marchenko_pastur(m, n):
+    # For i.i.d. N(0, 1) entries, E||W||_F^2 = m n and sigma_max -> sqrt(m) + sqrt(n), so
+    # SR ~ m n / (sqrt(m) + sqrt(n))^2 and SR / min(m, n) ~ 1 / (1 + sqrt(q))^2, q = k / max.
+    # Finite size: sigma_max^2 sits a Tracy-Widom distance below the edge, of order
+    # (sqrt m + sqrt n)(m^-1/2 + n^-1/2)^(1/3), i.e. about 2 % (+-2 %) of the edge at these
+    # sizes, which makes SR a few percent *larger* than the limit; the Frobenius norm itself
+    # fluctuates by ~1/sqrt(mn). Measured ratio SR/prediction over 12 draws: 1.017 .. 1.062.
+    # Tolerance: within [0.97, 1.10] of the prediction.
+    W = torch.randn(m, n, generator=gen(m + 7 * n), dtype=F64)
+    pred = (m * n / (math.sqrt(m) + math.sqrt(n)) ** 2) / min(m, n)
+    ratio = S.stable_rank_ratio(W) / pred
+    assert 0.97 < ratio < 1.10
+    # the square case is the ASSR paper's "healthy" reference: SR ratio close to 1/4
+    if m == n:
+        assert S.stable_rank_ratio(W) == pytest.approx(0.25, rel=0.1)
+
+
+def test_zero_matrix():
+    Z = torch.zeros(6, 4)
+    assert S.stable_rank(Z) == 0.0
+    assert S.effective_rank(Z) == 0.0
+    assert S.condition_number(Z) == math.inf
+    met = E.spectral_metrics(Z)
+    assert (met.sigma_max, met.sigma_min, met.frobenius) == (0.0, 0.0, 0.0)
+    assert met.stable_rank_ratio == 0.0 and met.effective_rank_ratio == 0.0
+    assert met.condition_number == math.inf
+    assert math.isnan(met.alpha)
+    h = S.hygiene(Z)
+    assert (h.nan, h.inf, h.dead_rows, h.dead_cols, h.duplicate_rows) == (0, 0, 6, 4, 0)
+    assert math.isnan(S.fiedler_value(Z))
+
+
+@pytest.mark.parametrize("shape", [(1, 9), (9, 1)])
+def test_vectors(shape):
+    x = torch.arange(1.0, 10.0).reshape(shape)
+    norm = math.sqrt(float((x**2).sum()))
+    met = E.spectral_metrics(x)
+    assert met.shape == shape
+    assert met.sigma_max == pytest.approx(norm, rel=1e-6)
+    assert met.sigma_min == pytest.approx(norm, rel=1e-6)
+    assert met.stable_rank == pytest.approx(1.0)
+    assert met.stable_rank_ratio == pytest.approx(1.0)
+    assert met.condition_number == pytest.approx(1.0)
+    assert met.effective_rank_ratio == pytest.approx(1.0)
+    assert math.isnan(met.alpha)  # one eigenvalue: no fit
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite values and hygiene
+
+
+def test_nan_and_inf_are_counted_and_metrics_are_nan():
+    W = torch.randn(20, 10, generator=gen(3))
+    W[2, 3] = math.nan
+    W[5, 1] = math.nan
+    W[7, 7] = math.inf
+    W[9, 0] = -math.inf
+    assert S.count_nonfinite(W) == (2, 2)
+    assert S.count_nonfinite(W, chunk_rows=3) == (2, 2)
+    h = S.hygiene(W)
+    assert (h.nan, h.inf, h.nonfinite) == (2, 2, 4)
+    met = E.spectral_metrics(W)  # must not raise
+    assert met.shape == (20, 10)
+    for key, value in met.as_dict().items():
+        if key != "shape":
+            assert math.isnan(value), key
+    for mode in ("exact", "biopsy"):
+        assert math.isnan(E.spectral_metrics(W, mode=mode, limit=8).sigma_max) or mode == "biopsy"
+    # low precision non-finite values too
+    assert S.count_nonfinite(W.half()) == (2, 2)
+    assert math.isnan(E.spectral_metrics(W.bfloat16()).stable_rank)
+
+
+def test_hygiene_dead_units_and_duplicates():
+    W = torch.randn(12, 8, generator=gen(4), dtype=F64)
+    W[3] = 0.0  # dead output unit
+    W[:, 5] = 0.0  # dead input
+    W[7] = 2.5 * W[1]  # exact duplicate direction (cosine 1)
+    W[10] = -W[2]  # anti-parallel: cosine -1, not a duplicate by the >= threshold rule
+    h = S.hygiene(W)
+    assert (h.nan, h.inf) == (0, 0)
+    assert h.dead_rows == 1
+    assert h.dead_cols == 1
+    # rows 1 and 7 are duplicates of each other; zero rows never count
+    assert h.duplicate_rows == 2
+    assert S.duplicate_rows(W, chunk_rows=2) == 2
+    # a NaN entry does not make its row or column "dead"
+    W2 = torch.zeros(4, 3)
+    W2[1, 1] = math.nan
+    h2 = S.hygiene(W2)
+    assert (h2.nan, h2.dead_rows, h2.dead_cols) == (1, 3, 2)
+
+
+def test_duplicate_rows_against_numpy():
+    g = gen(5)
+    base = torch.randn(6, 16, generator=g)
+    W = torch.cat([base, base[:2] * 3 + 1e-5 * torch.randn(2, 16, generator=g)])
+    rows = W.numpy().astype(np.float64)
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    np.fill_diagonal(cos, -2)
+    expected = int((cos >= 0.999).any(axis=1).sum())
+    assert expected == 4
+    assert S.duplicate_rows(W) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision and autograd hygiene
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_are_upcast(low):
+    W32 = torch.randn(96, 48, generator=gen(6))
+    Wlow = W32.to(low)
+    before = Wlow.clone()
+    rounded = Wlow.to(torch.float32)  # the same rounded values, in float32
+    met = E.spectral_metrics(Wlow)
+    ref = E.spectral_metrics(rounded)
+    for key, value in ref.as_dict().items():
+        if key != "shape":
+            assert getattr(met, key) == pytest.approx(value, rel=1e-5), key
+    assert S.condition_number(Wlow) == pytest.approx(S.condition_number(rounded), rel=1e-5)
+    assert S.stable_rank(Wlow) == pytest.approx(S.stable_rank(rounded), rel=1e-5)
+    assert S.effective_rank(Wlow) == pytest.approx(S.effective_rank(rounded), rel=1e-5)
+    assert S.alpha_hill(Wlow) == pytest.approx(S.alpha_hill(rounded), rel=1e-6)
+    assert S.fiedler_value(Wlow) == pytest.approx(S.fiedler_value(rounded), rel=1e-6)
+    assert S.singular_values(Wlow).dtype == torch.float32
+    assert Wlow.dtype == low and torch.equal(Wlow, before)  # never mutated
+    # and the rounded result is close to the float32 original's (rounding is small)
+    tol = 5e-3 if low == torch.float16 else 3e-2
+    assert met.stable_rank == pytest.approx(S.stable_rank(W32), rel=tol)
+
+
+def test_rank_tolerance_rule():
+    assert S.rank_rtol((100, 400), torch.float32) == pytest.approx(
+        torch.finfo(torch.float32).eps * 20)
+    assert S.rank_rtol((100, 400), torch.float64) == pytest.approx(
+        torch.finfo(torch.float64).eps * 20)
+    # 16-bit storage uses float32's epsilon, not its own
+    assert S.rank_rtol((4, 9), torch.bfloat16) == S.rank_rtol((4, 9), torch.float32)
+    # a singular value just above the tolerance gives a finite kappa, just below gives inf
+    rtol = S.rank_rtol((3, 3), torch.float64)
+    above = torch.diag(torch.tensor([1.0, 0.5, 4 * rtol], dtype=F64))
+    below = torch.diag(torch.tensor([1.0, 0.5, rtol / 4], dtype=F64))
+    assert S.condition_number(above) == pytest.approx(1 / (4 * rtol), rel=1e-9)
+    assert S.condition_number(below) == math.inf
+
+
+def test_requires_grad_input_builds_no_graph():
+    W = torch.randn(40, 30, generator=gen(7), requires_grad=True)
+    before = W.detach().clone()
+    s = S.singular_values(W)
+    assert not s.requires_grad
+    assert not S.esd(W).requires_grad
+    for fn in (S.stable_rank, S.stable_rank_ratio, S.condition_number, S.effective_rank,
+               S.alpha_hill, S.farms_alpha, S.fiedler_value, S.spectral_norm):
+        assert isinstance(fn(W), float), fn.__name__
+    met = E.spectral_metrics(W)
+    assert isinstance(met.stable_rank, float)
+    assert not E.biopsy(W, limit=8).requires_grad
+    sigma, state = E.power_iteration(W)
+    assert not sigma.requires_grad and not state.u.requires_grad
+    S.hygiene(W)
+    assert W.grad is None and W.grad_fn is None and W.requires_grad
+    assert torch.equal(W.detach(), before)
+
+
+def test_integer_input_is_rejected():
+    with pytest.raises(TypeError):
+        S.stable_rank(torch.ones(3, 3, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Heavy-tail exponent
+
+
+def _pareto_samples(n: int, alpha: float, g: torch.Generator) -> torch.Tensor:
+    # density ~ x^-alpha on [1, inf): inverse CDF of a uniform
+    return (1.0 - torch.rand(n, generator=g, dtype=F64)) ** (-1.0 / (alpha - 1.0))
+
+
+@pytest.mark.parametrize("alpha", [2.0, 2.5, 3.0, 4.0])
+def test_powerlaw_alpha_recovers_exponent_of_samples(alpha):
+    # 20000 samples, tail = upper half: the MLE's standard error is (alpha-1)/sqrt(10000),
+    # at most 0.03 here; measured errors over 3 seeds <= 0.08
+    x = _pareto_samples(20000, alpha, gen(int(alpha * 10)))
+    assert S.powerlaw_alpha(x) == pytest.approx(alpha, abs=0.15)
+    # the MLE's closed form, computed independently in numpy
+    lam = np.sort(x.numpy())
+    xmin = lam[(lam.size - 1) // 2]
+    tail = lam[lam >= xmin]
+    assert S.powerlaw_alpha(x) == pytest.approx(1 + tail.size / np.log(tail / xmin).sum())
+    # explicit xmin
+    assert S.powerlaw_alpha(x, xmin=2.0) == pytest.approx(alpha, abs=0.15)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 3.0, 4.0])
+def test_alpha_hill_recovers_exponent_of_matrix_esd(alpha):
+    # W = U diag(sqrt(x)) V^T: the ESD (eigenvalues of W^T W) is x, a power law with `alpha`
+    k = 384
+    x = pareto_quantiles(k, alpha)
+    W = with_singular_values(512, k, x.sqrt(), gen(8)).float()
+    assert S.alpha_hill(W) == pytest.approx(alpha, abs=0.15)
+    assert E.spectral_metrics(W).alpha == pytest.approx(alpha, abs=0.15)
+    # transposing does not change the ESD's non-zero part
+    assert S.alpha_hill(W.T) == pytest.approx(S.alpha_hill(W), rel=1e-4)
+
+
+def test_powerlaw_alpha_degenerate_inputs():
+    assert math.isnan(S.powerlaw_alpha(torch.tensor([3.0])))
+    assert math.isnan(S.powerlaw_alpha(torch.full((10,), 2.0)))  # no spread in the tail
+    assert math.isnan(S.powerlaw_alpha(torch.tensor([0.0, -1.0, math.nan])))
+    # non-finite and non-positive values are dropped, not propagated
+    x = _pareto_samples(2000, 3.0, gen(9))
+    dirty = torch.cat([x, torch.tensor([0.0, -2.0, math.nan, math.inf], dtype=F64)])
+    assert S.powerlaw_alpha(dirty) == pytest.approx(S.powerlaw_alpha(x))
+
+
+def test_esd_is_squared_singular_values_ascending():
+    W = torch.randn(30, 20, generator=gen(10))
+    ref = np.sort(np.linalg.svd(W.numpy().astype(np.float64), compute_uv=False) ** 2)
+    np.testing.assert_allclose(S.esd(W).numpy(), ref, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# FARMS
+
+
+def test_farms_windows_geometry():
+    wins = S.farms_windows((1024, 64))
+    assert all(r1 - r0 == 64 and c1 - c0 == 64 for r0, r1, c0, c1 in wins)
+    starts = [r0 for r0, _, _, _ in wins]
+    assert starts[0] == 0 and wins[-1][1] == 1024  # covers both ends
+    assert np.all(np.diff(starts) == 32)  # 50 % overlap
+    assert len(wins) == 31
+    # aspect 2: windows twice as tall as wide, all inside the matrix
+    wins2 = S.farms_windows((300, 500), aspect=2.0)
+    for r0, r1, c0, c1 in wins2:
+        assert r1 - r0 == 2 * (c1 - c0) and 0 <= r0 < r1 <= 300 and 0 <= c0 < c1 <= 500
+    covered = torch.zeros(300, 500, dtype=torch.bool)
+    for r0, r1, c0, c1 in wins2:
+        covered[r0:r1, c0:c1] = True
+    assert bool(covered.all())
+    assert S.farms_windows((64, 64)) == [(0, 64, 0, 64)]
+
+
+def test_farms_removes_aspect_ratio_bias():
+    # i.i.d. Gaussian matrices of aspect 1, 4, 16: the same "untrained" state, yet alpha_hill of
+    # the full ESD grows with the aspect ratio (the Marchenko-Pastur law narrows as m/n grows).
+    # FARMS fits square windows, so all three look alike. Measured (3 seeds): alpha_hill
+    # ~2.1 / 3.4 / 6.0, farms_alpha 2.09 .. 2.15.
+    hill, farms = [], []
+    for aspect in (1, 4, 16):
+        W = torch.randn(64 * aspect, 64, generator=gen(100 + aspect))
+        hill.append(S.alpha_hill(W))
+        farms.append(S.farms_alpha(W))
+    assert hill[0] < hill[1] < hill[2]
+    assert max(hill) - min(hill) > 3.0
+    assert max(farms) - min(farms) < 0.2
+    assert max(farms) - min(farms) < 0.1 * (max(hill) - min(hill))
+    # on a square matrix FARMS is the plain fit (one window, same ESD up to a scale factor)
+    assert farms[0] == pytest.approx(hill[0], rel=1e-9)
+
+
+def test_farms_pooled_esd_matches_manual_computation():
+    W = torch.randn(90, 40, generator=gen(11), dtype=F64)
+    wins = S.farms_windows((90, 40))
+    pooled = np.concatenate([
+        np.linalg.svd(W[r0:r1, c0:c1].numpy(), compute_uv=False) ** 2 / (r1 - r0)
+        for r0, r1, c0, c1 in wins])
+    assert S.farms_alpha(W) == pytest.approx(S.powerlaw_alpha(torch.from_numpy(pooled)),
+                                             rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fiedler value
+
+
+def _fiedler_reference(W: np.ndarray) -> float:
+    """Independent build of the documented graph: nodes = non-zero rows, weights |cos|,
+    normalized Laplacian with L_ii = 1 for nodes with edges and 0 for isolated ones."""
+    W = W[np.linalg.norm(W, axis=1) > 0]
+    unit = W / np.linalg.norm(W, axis=1, keepdims=True)
+    A = np.abs(unit @ unit.T)
+    np.fill_diagonal(A, 0.0)
+    d = A.sum(axis=1)
+    L = np.zeros_like(A)
+    m = len(d)
+    for i in range(m):
+        for j in range(m):
+            if i == j:
+                L[i, j] = 1.0 if d[i] > 0 else 0.0
+            elif d[i] > 0 and d[j] > 0:
+                L[i, j] = -A[i, j] / math.sqrt(d[i] * d[j])
+    return float(scipy.linalg.eigh(L, eigvals_only=True)[1])
+
+
+@pytest.mark.parametrize("m", [2, 3, 10])
+def test_fiedler_identical_rows_is_complete_graph(m):
+    row = torch.randn(1, 7, generator=gen(m))
+    W = row.repeat(m, 1) * torch.linspace(0.5, 2.0, m)[:, None]  # scale does not matter
+    W[0] *= -1  # |cos| makes the sign not matter either
+    assert S.fiedler_value(W) == pytest.approx(m / (m - 1), rel=1e-9)
+
+
+def test_fiedler_orthogonal_rows_is_zero():
+    assert S.fiedler_value(torch.eye(6)) == pytest.approx(0.0, abs=1e-12)
+    assert S.fiedler_value(torch.eye(6)[:4] * 5) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fiedler_disconnected_blocks_is_zero():
+    W = torch.zeros(8, 5)
+    W[:5, 0] = torch.arange(1.0, 6.0)
+    W[5:, 3] = -2.0
+    assert S.fiedler_value(W) == pytest.approx(0.0, abs=1e-12)
+    # and it is the same graph the reference builds
+    assert S.fiedler_value(W) == pytest.approx(_fiedler_reference(W.numpy().astype(float)),
+                                               abs=1e-12)
+
+
+@pytest.mark.parametrize("seed,m,n,dead", [(0, 12, 20, 0), (1, 30, 8, 2), (2, 5, 50, 1)])
+def test_fiedler_matches_scipy_reference(seed, m, n, dead):
+    W = torch.randn(m, n, generator=gen(seed), dtype=F64)
+    W[:dead] = 0.0  # zero rows are dropped from the graph
+    ref = _fiedler_reference(W.numpy())
+    assert S.fiedler_value(W) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    assert 0.0 <= S.fiedler_value(W) <= (m - dead) / (m - dead - 1) + 1e-12
+
+
+def test_fiedler_collapse_reads_high():
+    # the honest direction: rows collapsing onto one direction RAISE the Fiedler value
+    g = gen(12)
+    healthy = torch.randn(40, 256, generator=g, dtype=F64)
+    direction = torch.randn(1, 256, generator=g, dtype=F64)
+    collapsed = direction + 0.05 * torch.randn(40, 256, generator=g, dtype=F64)
+    # measured: healthy Gaussian rows 0.81 (40 x 256) .. 0.91 (256 x 256); rows collapsing onto
+    # one direction approach the complete-graph value m/(m-1) = 1.0256 from below
+    assert S.fiedler_value(healthy) < 0.95
+    assert S.fiedler_value(collapsed) == pytest.approx(40 / 39, rel=0.01)
+    assert S.fiedler_value(collapsed) > S.fiedler_value(healthy) + 0.05
+    assert math.isnan(S.fiedler_value(torch.ones(1, 4)))  # one node: undefined
