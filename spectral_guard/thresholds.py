@@ -47,6 +47,9 @@ class Rule:
       dead_unit_fraction_max     dead_units if the fraction of all-zero rows or columns > value
       duplicate_row_fraction_max suspicious if the fraction of near-duplicate rows > value
       alpha_min, alpha_max       suspicious if the HT-SR alpha is outside ``[alpha_min, alpha_max]``
+      collapse_min_dim           the collapse checks (the three above the condition number)
+                                 apply only when ``min(m, n) >= value``: a 1 x n or 2 x n matrix
+                                 has a stable rank near 1 by construction, not by collapse
 
     Guard (relative to the layer's own value when it was instrumented):
       effective_rank_retention_min   trigger collapse pressure if ``erank / erank_0 < value``
@@ -63,6 +66,7 @@ class Rule:
     duplicate_row_fraction_max: float | None = None
     alpha_min: float | None = None
     alpha_max: float | None = None
+    collapse_min_dim: float | None = None
     effective_rank_retention_min: float | None = None
     stable_rank_retention_min: float | None = None
     condition_number_growth_max: float | None = None

@@ -1,0 +1,483 @@
+"""Checkpoint audit: checkpoint -> sensors -> verdict -> :class:`Report` (no printing).
+
+One streaming pass per matrix. Rows are read in chunks of about 16 MiB through ``get_slice``;
+each chunk is scanned once for NaN/Inf and all-zero rows/columns (on the IEEE bit patterns:
+``|x|`` bits ``>= exponent mask`` is non-finite, ``== 0`` is zero), and in biopsy mode the
+seeded sample rows (:func:`~spectral_guard.estimators.biopsy_indices`) are copied out of the
+same chunk, so the checkpoint is read exactly once. The sample's columns are then selected in
+memory and the ``<= limit x limit`` biopsy is decomposed. Exact mode reads the whole tensor
+and decomposes it (float32, or float64 for F64 storage).
+
+How tensors become matrices (``shape`` in the report is the audited 2-D shape):
+
+* 2-D ``(m, n)``: one matrix.
+* 3-D ``(E, m, n)`` with ``n > 7``: a stack of ``E`` matrices named ``name[e]`` (stacked
+  experts), decomposed in one batched SVD; in biopsy mode they share one set of indices.
+* 3-D ``(out, in, k)`` with ``k <= 7`` (a conv1d kernel) and 4-D or more
+  ``(out, in, kh, kw, ...)`` (conv kernels): one matrix ``(out, in * k * ...)``.
+* 0-D, 1-D, empty, integer, bool, complex and packed sub-byte (F4, F6, F8_E8M0) tensors are
+  listed in ``skipped`` with the reason.
+
+Duplicate rows are counted on the biopsy submatrix in both modes (``O(limit^2 * limit)``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    DTYPES,
+    Checkpoint,
+    CheckpointError,
+    TensorInfo,
+    TensorStream,
+    chunk_rows,
+    iter_row_chunks,
+    natural_key,
+    open_checkpoint,
+)
+from .estimators import biopsy_indices, name_seed, spectral_metrics, spectral_metrics_batched
+from .sensors import SpectralMetrics, duplicate_rows
+from .thresholds import Thresholds, load_thresholds
+from .verdict import DEFAULT_FAIL_ON, STATUSES, Observation, judge, severity
+
+SCHEMA_VERSION = 1
+"""Version of the JSON report (``Report.to_json_dict``); bumped on incompatible changes."""
+
+CONV1D_MAX_KERNEL = 7
+DUPLICATE_COS = 0.999
+
+Progress = Callable[[int, int, str], None]
+"""``progress(bytes_done, bytes_total, tensor_name)``, called after each tensor."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Report objects
+
+
+def _num(x: float | None) -> float | None:
+    """JSON-safe number: ``None`` for missing, NaN or infinite values."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass
+class MatrixResult:
+    """One audited matrix. Spectral values are those of the measured matrix (the biopsy in
+    biopsy mode, see ``measured_shape``) and ``None`` when the matrix has non-finite entries."""
+
+    name: str
+    tensor: str
+    file: str
+    shape: tuple[int, int]
+    tensor_shape: tuple[int, ...]
+    dtype: str
+    group: str | None
+    mode: str
+    measured_shape: tuple[int, int]
+    status: str = "ok"
+    reasons: list[str] = field(default_factory=list)
+    stable_rank: float | None = None
+    stable_rank_ratio: float | None = None
+    condition_number: float | None = None
+    singular: bool = False
+    sigma_max: float | None = None
+    sigma_min: float | None = None
+    frobenius: float | None = None
+    effective_rank: float | None = None
+    effective_rank_ratio: float | None = None
+    alpha: float | None = None
+    nonfinite: int = 0
+    nan: int = 0
+    inf: int = 0
+    dead_rows: int = 0
+    dead_cols: int = 0
+    duplicate_rows: int | None = None
+    duplicate_sample: int | None = None
+
+    def to_json_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("shape", "tensor_shape", "measured_shape"):
+            d[key] = list(d[key])
+        for key in ("stable_rank", "stable_rank_ratio", "condition_number", "sigma_max",
+                    "sigma_min", "frobenius", "effective_rank", "effective_rank_ratio", "alpha"):
+            d[key] = _num(d[key])
+        return d
+
+
+@dataclass
+class Skipped:
+    """A tensor that is not audited, and why."""
+
+    name: str
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+    reason: str
+
+    def to_json_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass
+class Report:
+    """The result of :func:`audit`; the CLI renders it, :meth:`to_json_dict` serializes it."""
+
+    sources: list[dict]
+    thresholds: Thresholds
+    thresholds_source: str
+    mode: str
+    limit: int
+    seed: int
+    fail_on: tuple[str, ...]
+    matrices: list[MatrixResult]
+    skipped: list[Skipped]
+    filtered_out: int = 0
+    bytes_read: int = 0
+    elapsed_s: float = 0.0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def status_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for m in self.matrices:
+            counts[m.status] += 1
+        return counts
+
+    @property
+    def failing(self) -> list[MatrixResult]:
+        return [m for m in self.matrices if m.status in self.fail_on]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.failing
+
+    @property
+    def exit_code(self) -> int:
+        """0 when no matrix fails the ``fail_on`` policy, else 1."""
+        return 0 if self.healthy else 1
+
+    def verdict_text(self) -> str:
+        """A short paragraph: what was audited, what was found, what fails the policy."""
+        n = len(self.matrices)
+        counts = self.status_counts()
+        found = ", ".join(f"{c} {s}" for s, c in counts.items() if c and s != "ok")
+        head = (f"Audited {n} matri{'x' if n == 1 else 'ces'} from "
+                f"{sum(len(s['files']) for s in self.sources)} file(s) in {self.mode} mode"
+                + (f" (limit {self.limit}, seed {self.seed})" if self.mode == "biopsy" else "")
+                + f"; {len(self.skipped)} tensor(s) skipped.")
+        if not found:
+            return head + f" All {n} are ok. HEALTHY: nothing fails the policy " \
+                          f"({', '.join(self.fail_on) or 'none'})."
+        body = f" Findings: {found}; {counts['ok']} ok."
+        failing = self.failing
+        if not failing:
+            return head + body + f" HEALTHY: no finding fails the policy " \
+                                 f"({', '.join(self.fail_on) or 'none'})."
+        names = ", ".join(m.name for m in failing[:5]) + (", ..." if len(failing) > 5 else "")
+        return (head + body + f" FAIL: {len(failing)} matri{'x' if len(failing) == 1 else 'ces'}"
+                f" fail the policy ({', '.join(self.fail_on)}): {names}.")
+
+    def to_json_dict(self) -> dict:
+        """The documented JSON report (schema ``SCHEMA_VERSION``); contains no NaN/Inf."""
+        failing = self.failing
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "sources": self.sources,
+            "thresholds": {"source": self.thresholds_source, **self.thresholds.to_dict()},
+            "matrices": [m.to_json_dict() for m in self.matrices],
+            "skipped": [s.to_json_dict() for s in self.skipped],
+            "summary": {
+                "tool": f"spectral_guard {__version__}",
+                "mode": self.mode,
+                "limit": self.limit,
+                "seed": self.seed,
+                "include": list(self.include),
+                "exclude": list(self.exclude),
+                "matrices": len(self.matrices),
+                "skipped": len(self.skipped),
+                "filtered_out": self.filtered_out,
+                "status_counts": self.status_counts(),
+                "bytes_read": self.bytes_read,
+                "elapsed_s": round(self.elapsed_s, 3),
+            },
+            "verdict": {
+                "healthy": not failing,
+                "exit_code": self.exit_code,
+                "fail_on": list(self.fail_on),
+                "failing": [m.name for m in failing],
+                "text": self.verdict_text(),
+            },
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor -> matrices
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one tensor is audited: ``lead`` indices select a stacked matrix of ``rows x cols``."""
+
+    info: TensorInfo
+    names: tuple[str, ...]
+    leads: tuple[tuple[int, ...], ...]
+    rows: int
+    cols: int
+
+
+def plan_tensor(info: TensorInfo) -> _Plan | str:
+    """The matrices a tensor is audited as, or the reason it is skipped (see module doc)."""
+    dt = DTYPES[info.dtype]
+    if dt.kind != "float":
+        what = {"int": "integer", "bool": "boolean", "complex": "complex",
+                "packed": "packed low-bit"}[dt.kind]
+        return f"{what} dtype {info.dtype}: only real floating-point tensors are audited"
+    if dt.torch_dtype is None:
+        return f"dtype {info.dtype} is not supported by this torch version"
+    shape = info.shape
+    if len(shape) < 2:
+        return "scalar (0-D)" if not shape else "1-D vector (bias, norm or scale): not a matrix"
+    if info.numel == 0:
+        return "empty tensor"
+    if len(shape) == 2:
+        return _Plan(info, (info.name,), ((),), shape[0], shape[1])
+    if len(shape) == 3 and shape[2] > CONV1D_MAX_KERNEL:
+        names = tuple(f"{info.name}[{e}]" for e in range(shape[0]))
+        return _Plan(info, names, tuple((e,) for e in range(shape[0])), shape[1], shape[2])
+    return _Plan(info, (info.name,), ((),), shape[0], math.prod(shape[1:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# One streaming pass
+
+_BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+
+
+@dataclass
+class _Scan:
+    """Running NaN/Inf and all-zero counts over row chunks of one ``rows x cols`` matrix.
+
+    Works on ``|x|``'s bit pattern: zero iff the bits are 0, non-finite iff they are at least
+    the exponent mask; so one integer max per row and per column answers both questions.
+    """
+
+    cols: int
+    nan: int = 0
+    inf: int = 0
+    dead_rows: int = 0
+    col_max: torch.Tensor | None = None
+
+    def update(self, block: torch.Tensor) -> None:
+        if block.dtype not in _BITS:  # float8: small, upcasting is exact
+            block = block.to(torch.float32)
+        int_dtype, mask, inf_bits = _BITS[block.dtype]
+        bits = block.contiguous().view(int_dtype) & mask
+        row_max = bits.amax(1)
+        self.dead_rows += int((row_max == 0).sum())
+        col_max = bits.amax(0)
+        self.col_max = col_max if self.col_max is None else torch.maximum(self.col_max, col_max)
+        if bool((row_max >= inf_bits).any()):
+            self.nan += int(torch.isnan(block).sum())
+            self.inf += int(torch.isinf(block).sum())
+
+    @property
+    def dead_cols(self) -> int:
+        return 0 if self.col_max is None else int((self.col_max == 0).sum())
+
+
+@dataclass
+class _Measured:
+    scan: _Scan
+    matrix: torch.Tensor  # the biopsy (biopsy mode) or the whole matrix (exact mode)
+    biopsy: torch.Tensor  # the biopsy submatrix (for duplicate rows)
+
+
+def _measure(stream: TensorStream, plan: _Plan, lead: tuple[int, ...], mode: str,
+             rows_idx: torch.Tensor | None, cols_idx: torch.Tensor | None) -> _Measured:
+    """Scan one matrix in row chunks; keep the biopsy rows (biopsy) or everything (exact)."""
+    itemsize = DTYPES[plan.info.dtype].bits / 8
+    scan = _Scan(plan.cols)
+    kept: list[torch.Tensor] = []
+    for start, block in iter_row_chunks(stream, lead, plan.rows, plan.cols,
+                                        chunk_rows(plan.cols, itemsize)):
+        scan.update(block)
+        if mode == "exact" or rows_idx is None:
+            kept.append(block)
+        else:
+            lo = int(torch.searchsorted(rows_idx, start))
+            hi = int(torch.searchsorted(rows_idx, start + block.shape[0]))
+            if hi > lo:
+                kept.append(block.index_select(0, rows_idx[lo:hi] - start))
+    matrix = kept[0] if len(kept) == 1 else torch.cat(kept)
+    if mode == "exact":
+        sub = matrix
+        if rows_idx is not None:
+            sub = sub.index_select(0, rows_idx)
+    else:
+        sub = matrix
+    if cols_idx is not None:
+        sub = sub.index_select(1, cols_idx)
+    if mode != "exact":
+        matrix = sub
+    return _Measured(scan, matrix, sub)
+
+
+def _fill(result: MatrixResult, scan: _Scan, metrics: SpectralMetrics | None,
+          biopsy: torch.Tensor, thresholds: Thresholds) -> None:
+    result.nan, result.inf = scan.nan, scan.inf
+    result.nonfinite = scan.nan + scan.inf
+    result.dead_rows, result.dead_cols = scan.dead_rows, scan.dead_cols
+    if result.nonfinite == 0 and metrics is not None:
+        result.stable_rank = metrics.stable_rank
+        result.stable_rank_ratio = metrics.stable_rank_ratio
+        result.condition_number = metrics.condition_number
+        result.singular = math.isinf(metrics.condition_number)
+        result.sigma_max, result.sigma_min = metrics.sigma_max, metrics.sigma_min
+        result.frobenius = metrics.frobenius
+        result.effective_rank = metrics.effective_rank
+        result.effective_rank_ratio = metrics.effective_rank_ratio
+        result.alpha = metrics.alpha if math.isfinite(metrics.alpha) else None
+        result.duplicate_sample = int(biopsy.shape[0])
+        result.duplicate_rows = duplicate_rows(biopsy, DUPLICATE_COS)
+    m, n = result.shape
+    obs = Observation(
+        min_dim=min(m, n), rows=m, cols=n, nonfinite=result.nonfinite,
+        dead_rows=result.dead_rows, dead_cols=result.dead_cols,
+        stable_rank=result.stable_rank, stable_rank_ratio=result.stable_rank_ratio,
+        effective_rank_ratio=result.effective_rank_ratio,
+        condition_number=result.condition_number if result.nonfinite == 0 and metrics else None,
+        alpha=result.alpha, duplicate_rows=result.duplicate_rows,
+        duplicate_sample=result.duplicate_sample)
+    result.status, result.reasons = judge(obs, thresholds.rule_for(result.name))
+
+
+def _audit_tensor(plan: _Plan, mode: str, limit: int, seed: int,
+                  thresholds: Thresholds) -> list[MatrixResult]:
+    info = plan.info
+    rows_idx, cols_idx = biopsy_indices((plan.rows, plan.cols), limit, name_seed(seed, info.name))
+    results: list[MatrixResult] = []
+    measured: list[_Measured] = []
+    with TensorStream(info) as stream:
+        for name, lead in zip(plan.names, plan.leads, strict=True):
+            meas = _measure(stream, plan, lead, mode, rows_idx, cols_idx)
+            measured.append(meas)
+            results.append(MatrixResult(
+                name=name, tensor=info.name, file=str(info.file), shape=(plan.rows, plan.cols),
+                tensor_shape=info.shape, dtype=info.dtype, group=thresholds.group_for(name),
+                mode=mode, measured_shape=tuple(meas.matrix.shape)))
+    finite = [i for i, m in enumerate(measured) if m.scan.nan + m.scan.inf == 0]
+    metrics: list[SpectralMetrics | None] = [None] * len(measured)
+    if len(finite) == 1 and len(measured) == 1:
+        metrics[0] = spectral_metrics(measured[0].matrix, mode="exact", alpha=True)
+    elif finite:
+        stack = torch.stack([measured[i].matrix for i in finite])
+        for i, met in zip(finite, spectral_metrics_batched(stack, mode="exact", alpha=True),
+                          strict=True):
+            metrics[i] = met
+    for res, meas, met in zip(results, measured, metrics, strict=True):
+        _fill(res, meas.scan, met, meas.biopsy, thresholds)
+    return results
+
+
+def _sort_key(m: MatrixResult) -> tuple:
+    if m.status == "ill_conditioned":
+        score = -(m.condition_number if m.condition_number is not None else math.inf)
+    else:
+        score = m.effective_rank_ratio if m.effective_rank_ratio is not None else -1.0
+    return (severity(m.status), score, natural_key(m.name))
+
+
+def _compile(patterns: Sequence[str], flag: str) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"{flag} {p!r}: bad regular expression ({exc})") from None
+    return out
+
+
+def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limit: int = 512,
+          seed: int = 0, include: Sequence[str] = (), exclude: Sequence[str] = (),
+          thresholds: Thresholds | str | Path | None = None,
+          fail_on: Sequence[str] = DEFAULT_FAIL_ON,
+          progress: Progress | None = None) -> Report:
+    """Audit every matrix of one or more safetensors checkpoints.
+
+    ``path``: a ``.safetensors`` file, a ``*.safetensors.index.json``, a folder holding either,
+    or a list of those. ``mode``: ``"biopsy"`` (seeded ``<= limit x limit`` submatrix per
+    matrix) or ``"exact"`` (full SVD). ``include``/``exclude``: regexes searched in tensor names.
+    ``thresholds``: a :class:`Thresholds`, a thresholds file, or ``None`` for the shipped
+    defaults. Raises :class:`~spectral_guard.checkpoint.CheckpointError` for unreadable input,
+    :class:`~spectral_guard.thresholds.ThresholdsError` for a bad thresholds file and
+    ``ValueError`` for bad options (all with one-line messages).
+    """
+    if mode not in ("biopsy", "exact"):
+        raise ValueError(f"unknown mode {mode!r}: use 'biopsy' or 'exact'")
+    if int(limit) < 2:
+        raise ValueError(f"--limit must be at least 2, got {limit}")
+    bad = sorted(set(fail_on) - set(STATUSES))
+    if bad:
+        raise ValueError(f"--fail-on: unknown status {bad[0]!r} (choose from "
+                         f"{', '.join(STATUSES)})")
+    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    if isinstance(thresholds, Thresholds):
+        th, th_source = thresholds, "object"
+    else:
+        th = load_thresholds(thresholds)
+        th_source = "default" if thresholds is None else str(thresholds)
+    t0 = time.perf_counter()
+    ckpt: Checkpoint = open_checkpoint(path)
+    tensors = ckpt.tensors
+    selected = [t for t in tensors
+                if (not inc or any(p.search(t.name) for p in inc))
+                and not any(p.search(t.name) for p in exc)]
+    filtered_out = len(tensors) - len(selected)
+    plans: list[_Plan] = []
+    skipped: list[Skipped] = []
+    for t in selected:
+        plan = plan_tensor(t)
+        if isinstance(plan, str):
+            skipped.append(Skipped(t.name, str(t.file), t.shape, t.dtype, plan))
+        else:
+            plans.append(plan)
+    if not plans:
+        where = ", ".join(str(s.path) for s in ckpt.sources)
+        if not selected:
+            raise CheckpointError(f"{where}: no tensor matches the --include/--exclude filters"
+                                  if tensors else f"{where}: checkpoint holds no tensors")
+        raise CheckpointError(f"{where}: no matrices to audit ({len(skipped)} tensor(s), all "
+                              f"skipped, e.g. {skipped[0].name}: {skipped[0].reason})")
+    total = sum(p.info.nbytes for p in plans)
+    done = 0
+    results: list[MatrixResult] = []
+    for plan in plans:
+        results.extend(_audit_tensor(plan, mode, int(limit), int(seed), th))
+        done += plan.info.nbytes
+        if progress is not None:
+            progress(done, total, plan.info.name)
+    results.sort(key=_sort_key)
+    return Report(
+        sources=[s.to_json_dict() for s in ckpt.sources], thresholds=th,
+        thresholds_source=th_source, mode=mode, limit=int(limit), seed=int(seed),
+        fail_on=tuple(fail_on), matrices=results, skipped=skipped, filtered_out=filtered_out,
+        bytes_read=total, elapsed_s=time.perf_counter() - t0, include=tuple(include),
+        exclude=tuple(exclude))

@@ -1,0 +1,117 @@
+"""Metric values + a :class:`~spectral_guard.thresholds.Rule` -> status and reasons (pure).
+
+Statuses, in order of precedence (a matrix gets the first that applies; ``reasons`` lists every
+check that failed, worst first):
+
+``nonfinite``        at least one NaN or +-Inf entry. The spectral metrics are not computed.
+``dead_units``       the fraction of all-zero rows (dead output units) or of all-zero columns
+                     (dead inputs) exceeds ``dead_unit_fraction_max``. An all-zero matrix is here.
+``collapsed``        ``min(m, n) >= collapse_min_dim`` and any of: ``SR < stable_rank_min``,
+                     ``SR / min(m, n) < stable_rank_ratio_min``,
+                     ``erank / min(m, n) < effective_rank_ratio_min``.
+``ill_conditioned``  ``kappa > condition_number_max`` (a singular matrix has ``kappa = inf``).
+``suspicious``       the fraction of near-duplicate rows exceeds ``duplicate_row_fraction_max``,
+                     or alpha lies outside ``[alpha_min, alpha_max]``.
+``ok``               none of the above.
+
+A ``None`` threshold switches its check off; a ``None`` metric (not measured) never fails.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .thresholds import Rule
+
+STATUSES: tuple[str, ...] = ("nonfinite", "dead_units", "collapsed", "ill_conditioned",
+                             "suspicious", "ok")
+"""Every status, most severe first (the precedence order)."""
+
+DEFAULT_FAIL_ON: tuple[str, ...] = ("collapsed", "nonfinite", "dead_units")
+
+
+def severity(status: str) -> int:
+    """0 for the most severe status, ``len(STATUSES) - 1`` for ``ok``."""
+    return STATUSES.index(status)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What was measured on one matrix; ``None`` where a value was not measured.
+
+    ``min_dim`` is ``min(m, n)`` of the full matrix; the ratios are those of the measured
+    (possibly biopsied) matrix. ``duplicate_rows`` counts near-duplicates among
+    ``duplicate_sample`` examined rows.
+    """
+
+    min_dim: int
+    rows: int
+    cols: int
+    nonfinite: int = 0
+    dead_rows: int = 0
+    dead_cols: int = 0
+    stable_rank: float | None = None
+    stable_rank_ratio: float | None = None
+    effective_rank_ratio: float | None = None
+    condition_number: float | None = None
+    alpha: float | None = None
+    duplicate_rows: int | None = None
+    duplicate_sample: int | None = None
+
+
+def _fmt(x: float) -> str:
+    if math.isinf(x):
+        return "inf"
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        return f"{x:.3g}"
+    return f"{x:.4g}"
+
+
+def judge(obs: Observation, rule: Rule) -> tuple[str, list[str]]:
+    """Status (see module docstring) and every failed check as a short human string."""
+    found: dict[str, list[str]] = {s: [] for s in STATUSES}
+    if obs.nonfinite > 0:
+        total = obs.rows * obs.cols
+        found["nonfinite"].append(f"{obs.nonfinite} of {total} entries are NaN/Inf")
+    limit = rule.dead_unit_fraction_max
+    if obs.rows and obs.cols and obs.dead_rows == obs.rows:
+        found["dead_units"].append("all entries are zero")
+    elif limit is not None:
+        for count, total, what in ((obs.dead_rows, obs.rows, "rows"),
+                                   (obs.dead_cols, obs.cols, "columns")):
+            if total and count / total > limit:
+                found["dead_units"].append(
+                    f"{count}/{total} all-zero {what} ({_fmt(count / total)} > {_fmt(limit)})")
+    min_dim_ok = rule.collapse_min_dim is None or obs.min_dim >= rule.collapse_min_dim
+    if min_dim_ok:
+        for value, threshold, label in (
+                (obs.stable_rank, rule.stable_rank_min, "stable rank"),
+                (obs.stable_rank_ratio, rule.stable_rank_ratio_min, "stable-rank ratio"),
+                (obs.effective_rank_ratio, rule.effective_rank_ratio_min,
+                 "effective-rank ratio")):
+            if value is not None and threshold is not None and value < threshold:
+                found["collapsed"].append(f"{label} {_fmt(value)} < {_fmt(threshold)}")
+    kappa, kmax = obs.condition_number, rule.condition_number_max
+    if kappa is not None and kmax is not None and kappa > kmax:
+        what = "singular (kappa = inf)" if math.isinf(kappa) else f"kappa {_fmt(kappa)}"
+        found["ill_conditioned"].append(f"{what} > {_fmt(kmax)}")
+    dmax = rule.duplicate_row_fraction_max
+    if obs.duplicate_rows is not None and obs.duplicate_sample and dmax is not None:
+        frac = obs.duplicate_rows / obs.duplicate_sample
+        if frac > dmax:
+            found["suspicious"].append(f"{obs.duplicate_rows}/{obs.duplicate_sample} "
+                                       f"near-duplicate rows ({_fmt(frac)} > {_fmt(dmax)})")
+    if obs.alpha is not None and not math.isnan(obs.alpha):
+        if rule.alpha_min is not None and obs.alpha < rule.alpha_min:
+            found["suspicious"].append(f"alpha {_fmt(obs.alpha)} < {_fmt(rule.alpha_min)}")
+        if rule.alpha_max is not None and obs.alpha > rule.alpha_max:
+            found["suspicious"].append(f"alpha {_fmt(obs.alpha)} > {_fmt(rule.alpha_max)}")
+    reasons = [r for s in STATUSES for r in found[s]]
+    status = next((s for s in STATUSES if found[s]), "ok")
+    return status, reasons
+
+
+def fails(status: str, fail_on: tuple[str, ...] | list[str] | set[str]) -> bool:
+    """True when ``status`` is one the policy fails on."""
+    return status in fail_on
