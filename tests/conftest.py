@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -13,6 +14,20 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25
                           print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread, then restore the setting.
+
+    The sensor tests decompose many small matrices; on a 2-core box shared with other jobs,
+    a 2-thread OpenMP pool spin-waiting against them made one 1024 x 1024 SVD ~100x slower
+    (0.2 s -> 20 s). One thread keeps these tests' run time predictable.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def gen(seed: int) -> torch.Generator:

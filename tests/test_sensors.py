@@ -14,6 +14,8 @@ from conftest import gen, haar_orthogonal, pareto_quantiles, with_singular_value
 from spectral_guard import estimators as E
 from spectral_guard import sensors as S
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 
 
@@ -42,7 +44,9 @@ def test_rank_one(m, n, dtype):
     W = u @ v
     assert S.stable_rank(W) == pytest.approx(1.0, rel=1e-5)
     assert S.stable_rank_ratio(W) == pytest.approx(1.0 / min(m, n), rel=1e-5)
-    assert S.effective_rank(W) == pytest.approx(1.0, rel=1e-4)
+    # erank applies no rank tolerance: the float32 rounding floor (k-1 singular values of order
+    # eps * s_1) adds a little entropy, measured +1.3e-4 at 512 x 512
+    assert S.effective_rank(W) == pytest.approx(1.0, rel=1e-3 if dtype == torch.float32 else 1e-6)
     assert S.condition_number(W) == math.inf
     assert S.spectral_norm(W, F64) == pytest.approx(float(u.norm() * v.norm()), rel=1e-6)
     met = E.spectral_metrics(W)
@@ -155,8 +159,11 @@ def test_nan_and_inf_are_counted_and_metrics_are_nan():
     for key, value in met.as_dict().items():
         if key != "shape":
             assert math.isnan(value), key
-    for mode in ("exact", "biopsy"):
-        assert math.isnan(E.spectral_metrics(W, mode=mode, limit=8).sigma_max) or mode == "biopsy"
+    # a biopsy that contains a non-finite entry is non-finite too (limit >= shape keeps it all)
+    assert math.isnan(E.spectral_metrics(W, mode="biopsy", limit=32).sigma_max)
+    # ... and one that misses them is an ordinary finite biopsy
+    clean_rows = torch.tensor([0, 1, 3, 4, 6, 8])
+    assert math.isfinite(E.spectral_metrics(W[clean_rows]).sigma_max)
     # low precision non-finite values too
     assert S.count_nonfinite(W.half()) == (2, 2)
     assert math.isnan(E.spectral_metrics(W.bfloat16()).stable_rank)
