@@ -1,0 +1,147 @@
+"""GuardConfig: every knob of :func:`spectral_guard.instrument`, with documented defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ..thresholds import Rule, Thresholds, load_thresholds
+
+SENSORS = ("effective_rank", "stable_rank", "condition_number", "fiedler")
+"""Sensors that can drive the thermostat, each tied to one guard field of the thresholds Rule."""
+
+SENSOR_FIELD = {
+    "effective_rank": "effective_rank_retention_min",
+    "stable_rank": "stable_rank_retention_min",
+    "condition_number": "condition_number_growth_max",
+    "fiedler": "fiedler_max",
+}
+"""Sensor name -> the :class:`~spectral_guard.thresholds.Rule` field holding its threshold."""
+
+SENSOR_KIND = {
+    "effective_rank": "collapse",
+    "stable_rank": "collapse",
+    "fiedler": "collapse",
+    "condition_number": "conditioning",
+}
+"""Which failure a sensor detects, hence which penalty answers it."""
+
+Actuator = Literal["spectral", "l2"]
+
+DEFAULT_LAMBDA_BASE = {"spectral": 0.05, "l2": 1e-4}
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Configuration of the training-time guard (see ``docs/guard.md``).
+
+    Sampling
+      ratio           fraction of guarded layers visited by one check (``ceil(ratio * L)``)
+      every           run a check every ``every`` optimizer steps
+      seed            seeds the schedule, biopsies and power-iteration starts (no global RNG)
+    Sensors
+      sensors         which sensors drive the thermostat (subset of :data:`SENSORS`)
+      biopsy_limit    sensors run on a seeded ``<= limit x limit`` submatrix (one SVD per check)
+      power_iters     warm power-iteration steps per check for ``sigma_max`` and its vectors
+      fiedler_rows    rows of the biopsy used by the Fiedler sensor (one extra eigvalsh)
+      thresholds      a :class:`Thresholds`, the path of a thresholds file, or ``None`` (defaults)
+    Thermostat: ``lambda = lambda_base * (1 + gain * severity)`` when triggered, else
+      ``lambda <- decay * lambda`` (0 once below ``lambda_floor * lambda_base``)
+      actuator        ``"spectral"`` (failure-specific terms) or ``"l2"`` (``lambda ||W||_F^2``)
+      lambda_base     ``None``: 0.05 for ``"spectral"``, 1e-4 for ``"l2"``
+    Layers
+      include         regexes on module names; when given, a layer must match one
+      exclude         regexes on module names; a matching layer is not guarded
+      watch_unguarded also instrument layers whose rule switches every guard sensor off
+                      (e.g. output heads): sensors and stats, never a penalty
+    Integration
+      auto_loss       add the pending penalty to ``output.loss`` / ``output["loss"]``
+      step_on         ``"optimizer"``: advance on the step of any optimizer holding a guarded
+                      weight (or only the one given to :meth:`Guard.attach`); ``"manual"``:
+                      only :meth:`Guard.step` advances
+    """
+
+    ratio: float = 0.1
+    every: int = 1
+    seed: int = 0
+    sensors: tuple[str, ...] = ("effective_rank",)
+    biopsy_limit: int = 256
+    power_iters: int = 1
+    fiedler_rows: int = 64
+    thresholds: Thresholds | str | Path | None = None
+    actuator: Actuator = "spectral"
+    lambda_base: float | None = None
+    gain: float = 4.0
+    decay: float = 0.5
+    lambda_floor: float = 0.01
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    watch_unguarded: bool = False
+    auto_loss: bool = True
+    step_on: Literal["optimizer", "manual"] = "optimizer"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+        bad = [s for s in self.sensors if s not in SENSORS]
+        if bad:
+            raise ValueError(f"unknown sensor(s) {bad}: choose from {list(SENSORS)}")
+        if self.actuator not in ("spectral", "l2"):
+            raise ValueError(f"actuator must be 'spectral' or 'l2', got {self.actuator!r}")
+        if self.step_on not in ("optimizer", "manual"):
+            raise ValueError(f"step_on must be 'optimizer' or 'manual', got {self.step_on!r}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.biopsy_limit < 2 or self.power_iters < 1:
+            raise ValueError("biopsy_limit must be >= 2 and power_iters >= 1")
+        for name in ("sensors", "exclude"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.include is not None:
+            object.__setattr__(self, "include", tuple(self.include))
+
+    @property
+    def base(self) -> float:
+        """The effective ``lambda_base`` (actuator default when not set)."""
+        if self.lambda_base is not None:
+            return float(self.lambda_base)
+        return DEFAULT_LAMBDA_BASE[self.actuator]
+
+    def resolved_thresholds(self) -> Thresholds:
+        if isinstance(self.thresholds, Thresholds):
+            return self.thresholds
+        return load_thresholds(self.thresholds)
+
+    def with_overrides(self, **overrides: Any) -> GuardConfig:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown GuardConfig field(s): {', '.join(unknown)}")
+        return replace(self, **overrides)
+
+    @classmethod
+    def coerce(cls, config: GuardConfig | Thresholds | str | Path | None,
+               **overrides: Any) -> GuardConfig:
+        """``GuardConfig`` from a config, a Thresholds, a thresholds-file path or ``None``."""
+        if config is None:
+            base = cls()
+        elif isinstance(config, GuardConfig):
+            base = config
+        elif isinstance(config, (Thresholds, str, Path)):
+            base = cls(thresholds=config)
+        else:
+            raise TypeError(f"config must be a GuardConfig or a thresholds path, got {config!r}")
+        return base.with_overrides(**overrides) if overrides else base
+
+
+def active_sensors(config: GuardConfig, rule: Rule) -> dict[str, float]:
+    """Sensors of ``config`` whose threshold in ``rule`` is set: ``{sensor: threshold}``."""
+    out: dict[str, float] = {}
+    for sensor in config.sensors:
+        value = getattr(rule, SENSOR_FIELD[sensor])
+        if value is not None:
+            out[sensor] = float(value)
+    return out
