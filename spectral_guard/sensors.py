@@ -168,9 +168,29 @@ def esd(W: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     return torch.flip(s**2, dims=(-1,))
 
 
+def nonzero_eigenvalues_from_sv(s: Tensor, rtol: float = 0.0) -> Tensor:
+    """ESD eigenvalues ``s_i^2`` of the singular values that are not numerically zero.
+
+    ``s_i <= rtol * s_1`` is rounding noise (the :func:`rank_rtol` rule that makes ``kappa``
+    infinite); such values would otherwise enter the power-law fit as tiny positive
+    eigenvalues, drag the median ``xmin`` into the noise and make alpha depend on how the SVD
+    happened to round (e.g. ``alpha(W) != alpha(W.T)`` for a rank-deficient ``W``).
+    ``s`` is one descending vector.
+    """
+    s = s.detach().to(torch.float64).flatten()
+    if s.numel() == 0:
+        return s
+    return s[s > rtol * s[0]] ** 2
+
+
 def alpha_hill(W: Tensor) -> float:
-    """HT-SR alpha of ``W``'s ESD with the median xmin rule (see :func:`powerlaw_alpha`)."""
-    return powerlaw_alpha(esd(W))
+    """HT-SR alpha of ``W``'s ESD with the median xmin rule (see :func:`powerlaw_alpha`).
+
+    Numerically zero singular values (below :func:`rank_rtol` of ``W``'s storage dtype) are
+    left out of the fit; a matrix with fewer than 2 non-zero ones gives ``nan``.
+    """
+    s = torch.linalg.svdvals(as_compute_tensor(W, torch.float64))
+    return powerlaw_alpha(nonzero_eigenvalues_from_sv(s, rank_rtol(tuple(W.shape), W.dtype)))
 
 
 def farms_windows(shape: tuple[int, int], aspect: float = 1.0, overlap: float = 0.5,
@@ -206,12 +226,15 @@ def farms_alpha(W: Tensor, aspect: float = 1.0, overlap: float = 0.5,
     Each window ``X`` contributes the eigenvalues of ``X^T X / rows`` (normalized so windows of
     one size are on one scale); all windows' eigenvalues are pooled into one ESD and fitted with
     :func:`powerlaw_alpha`. Windows of one shape are decomposed in one batched SVD.
+    Numerically zero singular values of each window (the :func:`rank_rtol` rule) are left out.
     """
     Wc = as_compute_tensor(W, torch.float64)
     wins = farms_windows(tuple(Wc.shape), aspect, overlap, window)
     stack = torch.stack([Wc[r0:r1, c0:c1] for r0, r1, c0, c1 in wins])
     s = torch.linalg.svdvals(stack)
-    return powerlaw_alpha(s**2 / stack.shape[-2])
+    rtol = rank_rtol(tuple(stack.shape[-2:]), W.dtype)
+    keep = s > rtol * s[..., :1]
+    return powerlaw_alpha(s[keep] ** 2 / stack.shape[-2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +376,7 @@ def metrics_from_singular_values(s: Tensor, shape: tuple[int, int], rtol: float 
         condition_number=float(condition_number_from_sv(s, rtol)),
         effective_rank=er,
         effective_rank_ratio=er / k,
-        alpha=powerlaw_alpha(s**2) if alpha else math.nan,
+        alpha=powerlaw_alpha(nonzero_eigenvalues_from_sv(s, rtol)) if alpha else math.nan,
     )
 
 

@@ -10,7 +10,7 @@ from hypothesis import settings
 
 # Derandomized: the same examples on every run and machine, no wall-clock deadline (CI boxes
 # with 2 cores are slow and noisy). Override with HYPOTHESIS_PROFILE=dev for a wider search.
-settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25,
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60,
                           print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -304,6 +304,28 @@ def test_alpha_hill_recovers_exponent_of_matrix_esd(alpha):
     assert S.alpha_hill(W.T) == pytest.approx(S.alpha_hill(W), rel=1e-4)
 
 
+def test_alpha_ignores_numerically_zero_singular_values():
+    # rank 100 in 512 x 512 float32: 412 singular values are rounding noise (~1e-7 s_1). Fitting
+    # them dragged the median xmin into the noise (alpha was 1.08 before the fix); the fit must
+    # use the 100 real eigenvalues only, whatever the SVD's rounding.
+    g = gen(13)
+    W = torch.randn(512, 100, generator=g) @ torch.randn(100, 512, generator=g)
+    s = np.linalg.svd(W.double().numpy(), compute_uv=False)
+    ref = S.powerlaw_alpha(torch.from_numpy(s[:100] ** 2))
+    assert S.alpha_hill(W) == pytest.approx(ref, rel=1e-4)
+    assert S.alpha_hill(W.T) == pytest.approx(ref, rel=1e-4)
+    assert E.spectral_metrics(W).alpha == pytest.approx(ref, rel=1e-4)
+    assert S.farms_alpha(W) == pytest.approx(ref, rel=1e-4)  # square: one window
+    assert ref > 2.0
+    # rank 1: one non-zero eigenvalue, no fit
+    u = torch.randn(64, 1, generator=g)
+    assert math.isnan(S.alpha_hill(u @ u.T))
+    assert math.isnan(E.spectral_metrics(u @ u.T).alpha)
+    sv = torch.tensor([4.0, 2.0, 1e-9, 0.0], dtype=F64)
+    torch.testing.assert_close(S.nonzero_eigenvalues_from_sv(sv, 1e-6),
+                               torch.tensor([16.0, 4.0], dtype=F64))
+
+
 def test_powerlaw_alpha_degenerate_inputs():
     assert math.isnan(S.powerlaw_alpha(torch.tensor([3.0])))
     assert math.isnan(S.powerlaw_alpha(torch.full((10,), 2.0)))  # no spread in the tail
