@@ -3,6 +3,7 @@ closed-form gradient of sigma_max, and per-matrix vs batched evaluation."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -22,8 +23,10 @@ KEYS = ("sigma_max", "sigma_min", "frobenius", "stable_rank", "stable_rank_ratio
 
 
 def _reference_metrics(W: torch.Tensor) -> dict[str, float]:
-    """Every metric from numpy's float64 SVD, written out independently of the package."""
-    s = np.linalg.svd(W.detach().double().numpy(), compute_uv=False)
+    """Every metric from torch's float64 SVD, written out in numpy independently of the
+    package. (numpy's own SVD agrees; it is used as the reference in test_sensors.py, but its
+    threaded BLAS is slow on a loaded 2-core box.)"""
+    s = torch.linalg.svdvals(W.detach().double()).numpy()
     k = min(W.shape)
     sr = float((s**2).sum() / s[0] ** 2)
     p = s / s.sum()
@@ -40,6 +43,7 @@ def _reference_metrics(W: torch.Tensor) -> dict[str, float]:
                 alpha=float(1 + tail.size / np.log(tail / xmin).sum()))
 
 
+@functools.cache
 def _matrices():
     g = gen(20)
     return {
