@@ -5,7 +5,8 @@ Costs for an ``m x n`` matrix, ``k = min(m, n)``:
 * exact          one full SVD, ``O(m n k)``; float32 by default, float64 on request.
 * biopsy         the SVD of a seeded ``r x c`` submatrix (``r, c <= limit``), ``O(r c min(r, c))``;
                  ratios (SR/k, erank/k) and kappa are those of the submatrix, which estimate the
-                 full matrix's (the error is measured in tests and docs/metrics.md).
+                 full matrix's with errors and biases measured in tests and docs/metrics.md
+                 (``keep_aspect=True`` removes the aspect-ratio bias of rectangular matrices).
 * power          ``n_iter`` matrix-vector pairs, ``O(m n)`` each; warm-started from the caller's
                  state, one iteration tracks a slowly moving ``sigma_max``.
 * batched        one batched SVD (or bmm power iteration) over a stack of same-shape matrices.
@@ -45,17 +46,41 @@ def _generator(seed: int) -> torch.Generator:
 # Biopsy
 
 
-def biopsy_indices(shape: tuple[int, int], limit: int, seed: int = 0
-                   ) -> tuple[Tensor | None, Tensor | None]:
-    """Sorted random row and column indices for a biopsy of at most ``limit x limit``.
+KEEP_ASPECT_MIN_SIDE = 32
 
-    An axis no longer than ``limit`` is kept whole (``None``). Same ``(shape, limit, seed)``,
-    same indices, on any machine: the draw uses a private CPU generator, never the global RNG.
+
+def biopsy_shape(shape: tuple[int, int], limit: int, keep_aspect: bool = False
+                 ) -> tuple[int, int]:
+    """Shape ``(r, c)`` of the biopsy of an ``m x n`` matrix.
+
+    Default (the ASSR paper's rule): each axis is cut to ``limit`` independently, so a tall
+    ``4096 x 1024`` matrix gives a square ``512 x 512`` biopsy. ``keep_aspect=True`` scales both
+    axes by ``limit / max(m, n)`` instead (``512 x 128``), keeping ``m / n`` and with it the
+    Marchenko-Pastur shape that SR ratio, erank ratio and kappa depend on; the short side never
+    drops below ``min(short side, 32)``.
     """
     m, n = shape
+    if not keep_aspect or max(m, n) <= limit:
+        return min(m, limit), min(n, limit)
+    scale = limit / max(m, n)
+    r = min(m, max(round(m * scale), min(m, KEEP_ASPECT_MIN_SIDE)))
+    c = min(n, max(round(n * scale), min(n, KEEP_ASPECT_MIN_SIDE)))
+    return r, c
+
+
+def biopsy_indices(shape: tuple[int, int], limit: int, seed: int = 0,
+                   keep_aspect: bool = False) -> tuple[Tensor | None, Tensor | None]:
+    """Sorted random row and column indices for a biopsy of at most ``limit x limit``.
+
+    An axis that is kept whole is ``None``. Same ``(shape, limit, seed, keep_aspect)``, same
+    indices, on any machine: the draw uses a private CPU generator, never the global RNG.
+    See :func:`biopsy_shape` for ``keep_aspect``.
+    """
+    m, n = shape
+    r, c = biopsy_shape((m, n), limit, keep_aspect)
     gen = _generator(seed)
-    rows = torch.randperm(m, generator=gen)[:limit].sort().values if m > limit else None
-    cols = torch.randperm(n, generator=gen)[:limit].sort().values if n > limit else None
+    rows = torch.randperm(m, generator=gen)[:r].sort().values if m > r else None
+    cols = torch.randperm(n, generator=gen)[:c].sort().values if n > c else None
     return rows, cols
 
 
@@ -68,9 +93,10 @@ def take_biopsy(W: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
     return W
 
 
-def biopsy(W: Tensor, limit: int = 512, seed: int = 0) -> Tensor:
-    """The ASSR paper's Biopsy Mode: a seeded ``<= limit x limit`` submatrix of ``W``."""
-    rows, cols = biopsy_indices(tuple(W.shape[-2:]), limit, seed)
+def biopsy(W: Tensor, limit: int = 512, seed: int = 0, keep_aspect: bool = False) -> Tensor:
+    """The ASSR paper's Biopsy Mode: a seeded ``<= limit x limit`` submatrix of ``W``
+    (``keep_aspect``: see :func:`biopsy_shape`)."""
+    rows, cols = biopsy_indices(tuple(W.shape[-2:]), limit, seed, keep_aspect)
     return take_biopsy(W.detach(), rows, cols)
 
 
@@ -166,18 +192,20 @@ def sigma_min_power(W: Tensor, sigma_max: float, state: Tensor | None = None,
 
 
 def spectral_metrics(W: Tensor, mode: Mode = "exact", limit: int = 512, seed: int = 0,
-                     dtype: torch.dtype | None = None, alpha: bool = True) -> SpectralMetrics:
+                     dtype: torch.dtype | None = None, alpha: bool = True,
+                     keep_aspect: bool = False) -> SpectralMetrics:
     """All SVD-based sensors of one matrix by the chosen path.
 
     ``mode="exact"`` decomposes ``W``; ``mode="biopsy"`` decomposes a seeded
-    ``<= limit x limit`` submatrix (ratios are relative to the submatrix's ``min(r, c)``).
+    ``<= limit x limit`` submatrix (ratios are relative to the submatrix's ``min(r, c)``;
+    ``keep_aspect``: see :func:`biopsy_shape`).
     A non-finite matrix returns all-``nan`` metrics (count the entries with
     :func:`spectral_guard.sensors.count_nonfinite`).
     """
     if W.dim() != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
     if mode == "biopsy":
-        W = biopsy(W, limit, seed)
+        W = biopsy(W, limit, seed, keep_aspect)
     elif mode != "exact":
         raise ValueError(f"unknown mode {mode!r}: use 'exact' or 'biopsy'")
     Wc = as_compute_tensor(W, dtype)
@@ -198,7 +226,8 @@ def batched_singular_values(stack: Tensor, dtype: torch.dtype | None = None) -> 
 def spectral_metrics_batched(stack: Tensor | list[Tensor], mode: Mode = "exact",
                              limit: int = 512, seed: int = 0,
                              dtype: torch.dtype | None = None,
-                             alpha: bool = True) -> list[SpectralMetrics]:
+                             alpha: bool = True,
+                             keep_aspect: bool = False) -> list[SpectralMetrics]:
     """:func:`spectral_metrics` for many same-shape matrices with one batched SVD.
 
     In biopsy mode every matrix gets the same seeded indices (one gather, one batched SVD).
@@ -210,7 +239,7 @@ def spectral_metrics_batched(stack: Tensor | list[Tensor], mode: Mode = "exact",
         raise ValueError(f"expected a (b, m, n) stack, got shape {tuple(stack.shape)}")
     storage_dtype = stack.dtype
     if mode == "biopsy":
-        rows, cols = biopsy_indices(tuple(stack.shape[-2:]), limit, seed)
+        rows, cols = biopsy_indices(tuple(stack.shape[-2:]), limit, seed, keep_aspect)
         stack = take_biopsy(stack.detach(), rows, cols)
     elif mode != "exact":
         raise ValueError(f"unknown mode {mode!r}: use 'exact' or 'biopsy'")

@@ -296,6 +296,56 @@ def test_biopsy_error_on_trained_like_matrix():
     assert err["kappa"][0] > 10
 
 
+def _aspect_errors(W, limit, seeds=(0, 1, 2)):
+    ex = E.spectral_metrics(W)
+    out = {"sr": [], "er": [], "kappa": []}
+    for seed in seeds:
+        b = E.spectral_metrics(W, mode="biopsy", limit=limit, seed=seed, keep_aspect=True)
+        assert b.shape == E.biopsy_shape(tuple(W.shape), limit, keep_aspect=True)
+        out["sr"].append(b.stable_rank_ratio / ex.stable_rank_ratio)
+        out["er"].append(b.effective_rank_ratio / ex.effective_rank_ratio)
+        out["kappa"].append(b.condition_number / ex.condition_number)
+    return {k: (min(v), max(v)) for k, v in out.items()}
+
+
+def test_keep_aspect_biopsy_shapes():
+    assert E.biopsy_shape((4096, 1024), 512) == (512, 512)
+    assert E.biopsy_shape((4096, 1024), 512, keep_aspect=True) == (512, 128)
+    assert E.biopsy_shape((1024, 4096), 512, keep_aspect=True) == (128, 512)
+    assert E.biopsy_shape((11008, 4096), 512, keep_aspect=True) == (512, 191)
+    assert E.biopsy_shape((4096, 8), 512, keep_aspect=True) == (512, 8)  # short side floor
+    assert E.biopsy_shape((4096, 100), 512, keep_aspect=True) == (512, 32)
+    assert E.biopsy_shape((300, 200), 512, keep_aspect=True) == (300, 200)
+    assert E.biopsy_shape((1000, 1000), 512, keep_aspect=True) == (512, 512)
+    rows, cols = E.biopsy_indices((4096, 1024), 512, seed=3, keep_aspect=True)
+    assert rows.numel() == 512 and cols.numel() == 128
+    # the default draw is the ASSR rule and unchanged by the option's existence
+    r0, c0 = E.biopsy_indices((4096, 1024), 512, seed=3)
+    r1, c1 = E.biopsy_indices((4096, 1024), 512, seed=3, keep_aspect=False)
+    assert torch.equal(r0, r1) and torch.equal(c0, c1) and c0.numel() == 512
+    W = torch.randn(600, 300, generator=gen(33))
+    a = E.spectral_metrics_batched(W[None], mode="biopsy", limit=128, keep_aspect=True)[0]
+    assert a == E.spectral_metrics(W, mode="biopsy", limit=128, keep_aspect=True)
+    assert a.shape == (128, 64)
+
+
+def test_keep_aspect_removes_the_aspect_ratio_bias_on_tall_matrices():
+    # same 4:1 Gaussian as the default-biopsy test above: ratios and kappa now track the full
+    # matrix. Measured (2048x512 and 1024x256, limits 256/512): SR ratio x0.96..1.06, erank ratio
+    # x0.998..1.001, kappa x0.92..1.01 (default biopsy: x0.56, x0.83, x100..8000).
+    err = _aspect_errors(torch.randn(1024, 256, generator=gen(31)), 256)
+    assert 0.93 < err["sr"][0] and err["sr"][1] < 1.08
+    assert 0.99 < err["er"][0] and err["er"][1] < 1.01
+    assert 0.85 < err["kappa"][0] and err["kappa"][1] < 1.10
+    # trained-like: erank ratio and kappa track, but SR ratio is inflated even more, since SR
+    # counts strong directions and k shrinks by the same factor on both axes.
+    # Measured: SR ratio x1.7..5.7, erank ratio x0.997..1.01, kappa x0.56..1.03.
+    err = _aspect_errors(trained_like(1024, 256, gen(34)), 256)
+    assert 1.5 < err["sr"][0] and err["sr"][1] < 6.0
+    assert 0.98 < err["er"][0] and err["er"][1] < 1.02
+    assert 0.4 < err["kappa"][0] and err["kappa"][1] < 1.2
+
+
 # ----------------------------------------------------------------------------------------------
 # Batched path
 
