@@ -262,8 +262,8 @@ def _biopsy_errors(W, limit, seeds=(0, 1, 2)):
 
 
 def test_biopsy_error_on_square_gaussian():
-    # measured (1024^2 and 2048^2, limits 256/512, 6 biopsies each): SR ratio x1.00..1.07,
-    # erank ratio x0.998..1.001, kappa x0.08..5.4 (kappa of a square Gaussian ~ n, random)
+    # measured (1024^2 and 2048^2, limits 256/512, 6-9 biopsies each): SR ratio x0.97..1.07,
+    # erank ratio x0.997..1.002, kappa x0.03..5.4 (kappa of a square Gaussian ~ n, random)
     W = torch.randn(1024, 1024, generator=gen(30))
     _, err = _biopsy_errors(W, 256)
     assert 0.95 < err["sr"][0] and err["sr"][1] < 1.10
