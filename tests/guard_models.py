@@ -122,3 +122,11 @@ def seeded_model(seed: int = 0, **kwargs) -> TinyGPT:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return TinyGPT(**kwargs)
+
+
+def thresholds(**guard_fields):
+    """A Thresholds whose default rule has only the given guard fields (tests force triggers
+    with e.g. ``effective_rank_retention_min=2.0``: retention is always below 2)."""
+    from spectral_guard.thresholds import Rule, Thresholds
+
+    return Thresholds(Rule(**guard_fields))

@@ -20,7 +20,7 @@ import math
 
 def floor_severity(x: float, threshold: float) -> float:
     """``clip(1 - x / t, 0, 1)`` for a reading that must stay at or above ``t > 0``."""
-    if math.isnan(x):
+    if math.isnan(x) or threshold <= 0 or x >= threshold:
         return 0.0
     return min(1.0, max(0.0, 1.0 - x / threshold))
 
@@ -29,7 +29,7 @@ def ceiling_severity(x: float, threshold: float) -> float:
     """``clip(1 - t / x, 0, 1)`` for a reading that must stay at or below ``t > 0``."""
     if math.isnan(x) or x <= threshold:
         return 0.0
-    if math.isinf(x):
+    if math.isinf(x) or threshold <= 0:
         return 1.0
     return min(1.0, max(0.0, 1.0 - threshold / x))
 
