@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import spectral_guard  # noqa: E402
 from guard_models import byte_batches, seeded_model, synthetic_text  # noqa: E402
+
+import spectral_guard  # noqa: E402
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj")
 
