@@ -76,7 +76,7 @@ def bench_matrix(label: str, W: torch.Tensor, limit: int, repeats: int, rows: li
     # exact: one full SVD (float32); every metric comes from its singular values
     t_exact, s = timed(lambda: torch.linalg.svdvals(W), repeats, warmup=0 if m * n > 4e6 else 1)
     ex = S.metrics_from_singular_values(s, (m, n), S.rank_rtol((m, n), W.dtype))
-    fro2 = float(torch.linalg.matrix_norm(W)) ** 2
+    fro2 = S.frobenius_norm(W) ** 2  # float64 accumulation, O(mn)
 
     def row(path, t, sigma_err=None, sr_err=None, er_err=None, kappa_ratio=None):
         rows.append((label, path, t * 1e3, t / t_exact, sigma_err, sr_err, er_err, kappa_ratio))
