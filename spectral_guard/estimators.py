@@ -134,18 +134,31 @@ def power_iteration(W: Tensor, state: PowerState | None = None, n_iter: int = 1,
     ``sigma = u^T W v`` (a lower bound of ``sigma_max`` that converges to it at the rate
     ``(s_2 / s_1)^2`` per iteration). With the state from the previous call on a slightly
     changed ``W``, one iteration is typically enough to track ``sigma_max``.
+
+    The returned state is always usable for the next call: where ``W`` (or one matrix of a
+    stack) is zero or non-finite, the iteration would collapse the vectors to zero or NaN and
+    every later warm start would stay stuck there (a zero-initialised layer would read
+    ``sigma = 0`` forever); those entries keep their incoming vectors instead. (No host sync:
+    the repair is a ``torch.where``. A hand-built all-zero incoming state is not repaired.)
     """
     Wc = as_compute_tensor(W)
     if state is None:
         state = init_power_state(tuple(Wc.shape), seed, Wc.dtype, Wc.device)
         n_iter = max(n_iter, 8)
-    u, v = state.u.to(Wc.dtype), state.v.to(Wc.dtype)
+    u0, v0 = state.u.to(Wc.dtype), state.v.to(Wc.dtype)
+    u, v = u0, v0
     for _ in range(max(n_iter, 1)):
         u = torch.nn.functional.normalize((Wc @ v.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-30)
         v = torch.nn.functional.normalize((Wc.mT @ u.unsqueeze(-1)).squeeze(-1), dim=-1,
                                           eps=1e-30)
     sigma = (u.unsqueeze(-2) @ Wc @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-    return sigma, PowerState(u, v)
+    bad = _unusable(u) | _unusable(v)
+    return sigma, PowerState(torch.where(bad, u0, u), torch.where(bad, v0, v))
+
+
+def _unusable(x: Tensor) -> Tensor:
+    """``(..., 1)`` mask of vectors that cannot seed a power iteration: all zero or non-finite."""
+    return ~torch.isfinite(x).all(dim=-1, keepdim=True) | (x.abs().amax(dim=-1, keepdim=True) == 0)
 
 
 def sigma_from_state(W: Tensor, state: PowerState) -> Tensor:

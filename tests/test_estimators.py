@@ -157,6 +157,32 @@ def test_power_iteration_on_separated_spectrum_converges_to_exact():
     assert float(sigma2) == float(sigma)
 
 
+def test_power_state_survives_zero_and_non_finite_matrices():
+    # a zero-initialised layer (LoRA B, zero-init projections) must not poison the warm state
+    g = gen(29)
+    sigma, state = E.power_iteration(torch.zeros(20, 10))
+    assert float(sigma) == 0.0
+    assert float(state.v.norm()) == pytest.approx(1.0) and float(state.u.norm()) == pytest.approx(1)
+    W = torch.randn(20, 10, generator=g)
+    W[0] *= 20  # a clear top direction
+    sigma, state = E.power_iteration(W, state, n_iter=10)
+    assert float(sigma) == pytest.approx(float(torch.linalg.svdvals(W)[0]), rel=1e-4)
+    # a transient NaN: sigma says so, the state stays finite and recovers on the next call
+    bad = W.clone()
+    bad[3, 3] = math.nan
+    sigma, state2 = E.power_iteration(bad, state, n_iter=1)
+    assert math.isnan(float(sigma))
+    assert bool(torch.isfinite(state2.u).all()) and bool(torch.isfinite(state2.v).all())
+    sigma, _ = E.power_iteration(W, state2, n_iter=1)
+    assert float(sigma) == pytest.approx(float(torch.linalg.svdvals(W)[0]), rel=1e-4)
+    # batched: only the zero matrix of the stack keeps its old vectors
+    stack = torch.stack([torch.zeros(20, 10), W])
+    _, st = E.power_iteration(stack, None, n_iter=10)
+    assert bool((st.v.norm(dim=-1) > 0.99).all())
+    _, st = E.power_iteration(torch.stack([W, W]), st, n_iter=10)
+    assert bool((st.v.norm(dim=-1) > 0.99).all())
+
+
 def test_power_iteration_batched_matches_per_matrix():
     stack = torch.randn(4, 64, 48, generator=gen(24))
     stack[:, 0, :] *= 10  # a dominant direction in each: fast convergence
