@@ -146,6 +146,7 @@ class _Layer:
     rows: Tensor | None
     cols: Tensor | None
     hook_owner: nn.Module
+    param_order: list[str] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     forward_id: int = -1
 
@@ -173,7 +174,7 @@ class Guard:
         self._armed: frozenset[int] = frozenset()
         self._sampled: frozenset[int] = frozenset()
         self._treated: set[int] = set()
-        self._pending: list[Tensor] = []
+        self._pending: dict[int, int] = {}  # layer index -> forwards that queued its term
         self._ns = [0]
         self._root_handles: list[Any] = []
         self._attached: weakref.ref | None = None
@@ -229,7 +230,8 @@ class Guard:
             parent_name = name.rpartition(".")[0]
             parent = modules.get(parent_name) if "." in name else self.model
             owner = parent if isinstance(parent, nn.MultiheadAttention) else mod
-            layer = _Layer(len(self._layers), name, mod, probe, sensors, rows, cols, owner)
+            layer = _Layer(len(self._layers), name, mod, probe, sensors, rows, cols, owner,
+                           list(mod._parameters))
             parametrize.register_parametrization(mod, "weight", probe)
             probe._guard_ns = self._ns
             layer.handles.append(owner.register_forward_pre_hook(self._make_layer_hook(layer)))
@@ -364,9 +366,7 @@ class Guard:
         if layer.forward_id == self._forward_id:
             return  # already queued for this forward (layer called twice, or MHA + out_proj)
         layer.forward_id = self._forward_id
-        term = self._term(layer)
-        if term is not None:
-            self._pending.append(term)
+        self._pending[layer.index] = self._pending.get(layer.index, 0) + 1
 
     def _refresh(self, layer: _Layer) -> None:
         """Treated, not sampled: one warm power step keeps the spectral term's u, v current."""
@@ -498,13 +498,23 @@ class Guard:
         return term
 
     def _take_pending(self) -> Tensor:
-        pending, self._pending = self._pending, []
-        if not pending:
-            return torch.zeros((), device=self._device())
-        total = pending[0]
-        for t in pending[1:]:
-            total = total + t.to(total.device)
-        return total
+        """Build the queued terms: ``sum_layers count * lambda * P(W)``.
+
+        Terms are built here (at the end of the root forward, or in :meth:`penalty`), not in
+        the layer's hook, so no tensor is saved for backward inside an activation-checkpoint
+        region (whose recompute must save exactly what the first forward saved).
+        """
+        pending, self._pending = self._pending, {}
+        t0 = time.perf_counter_ns()
+        total: Tensor | None = None
+        for index, count in pending.items():
+            term = self._term(self._layers[index])
+            if term is None:
+                continue
+            term = term if count == 1 else term * count
+            total = term if total is None else total + term.to(total.device)
+        self._ns[0] += time.perf_counter_ns() - t0
+        return total if total is not None else torch.zeros((), device=self._device())
 
     def _device(self) -> torch.device:
         if self._layers:
@@ -545,7 +555,7 @@ class Guard:
     def step(self) -> None:
         """Advance the guard's clock by one optimizer step (automatic with ``step_on``)."""
         self._step += 1
-        self._pending = []
+        self._pending = {}
         self._armed_step = -1
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Guard:
@@ -622,7 +632,7 @@ class Guard:
                                                               dtype=current.dtype))
         self._step = int(state["step"])
         self._treated = {lay.index for lay in self._layers if bool((lay.probe.lam > 0).any())}
-        self._pending = []
+        self._pending = {}
         self._armed_step = -1
 
     def remove(self) -> nn.Module:
@@ -633,9 +643,14 @@ class Guard:
             for handle in layer.handles:
                 handle.remove()
             parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=False)
+            params = layer.module._parameters  # restore the registration order (state_dict order)
+            ordered = {k: params[k] for k in layer.param_order if k in params}
+            ordered.update({k: v for k, v in params.items() if k not in ordered})
+            params.clear()
+            params.update(ordered)
         for handle in self._root_handles:
             handle.remove()
-        self._pending = []
+        self._pending = {}
         self._removed = True
         if getattr(self.model, "_spectral_guard", None) is self:
             del self.model._spectral_guard
