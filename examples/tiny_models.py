@@ -137,11 +137,11 @@ class CharLM(nn.Module):
 
 
 def train_char_lm(seed: int = 0, d: int = 128, heads: int = 4, ffn: int = 512, layers: int = 2,
-                  ctx: int = 64, steps: int = 300, batch: int = 32, lr: float = 3e-3
-                  ) -> tuple[dict[str, Tensor], float, float]:
+                  ctx: int = 64, steps: int = 300, batch: int = 32, lr: float = 3e-3,
+                  n_words: int = 300) -> tuple[dict[str, Tensor], float, float]:
     """Train :class:`CharLM` on :func:`markov_text`; returns (state, held-out loss, uniform
     loss ``ln(vocab)``) so callers can check it learned (loss well below uniform)."""
-    text = markov_text(seed)
+    text = markov_text(seed, n_words=n_words)
     chars = sorted(set(text))
     data = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
     split = int(0.9 * len(data))

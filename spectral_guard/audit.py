@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -481,3 +483,14 @@ def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limi
         fail_on=tuple(fail_on), matrices=results, skipped=skipped, filtered_out=filtered_out,
         bytes_read=total, elapsed_s=time.perf_counter() - t0, include=tuple(include),
         exclude=tuple(exclude))
+
+
+class _CallableModule(types.ModuleType):
+    """``spectral_guard.audit`` is both this module and the function: importing the module
+    binds the package attribute ``audit`` to the module, so the module forwards calls."""
+
+    def __call__(self, *args: object, **kwargs: object) -> Report:
+        return audit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,215 @@
+"""Speed and memory of ``spectral-guard audit`` on a TinyLlama-1.1B-shaped bf16 checkpoint.
+
+Writes a sharded checkpoint with random weights (22 blocks, d=2048, ffn 5632, GQA k/v
+256 x 2048, vocab 32000, untied lm_head: 156 matrices, ~2.2 GB) to a temp dir, then times in
+one process:
+
+1. ``plain``     reading every tensor once with ``safe_open(...).get_tensor`` (the floor);
+2. ``biopsy``    ``audit(mode="biopsy")`` on the whole checkpoint;
+3. ``exact``     ``audit(mode="exact")``;
+4. ``reference`` a naive loop: load each matrix, ``torch.linalg.svdvals`` in float32,
+   ``SR = sum s^2 / s_1^2``, ``kappa = s_1 / s_k``.
+
+``plain`` and ``biopsy`` are repeated ``--repeat`` times, interleaved, and the best of each is
+kept (the machine may be shared). ``exact`` and ``reference`` run on ``--layers K`` blocks plus
+the embedding and the head; per-tensor times are measured and the 22-block totals are
+extrapolated as ``t(embed) + t(head) + 22 / K * t(K blocks)`` (exact when K = 22).
+The peak RSS of a biopsy audit is measured in a fresh child process (``ru_maxrss``).
+The last line prints the ratios against the goals.
+
+    python bench/audit.py [--layers 4] [--repeat 2] [--dir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+BLOCKS, D, FFN, KV, VOCAB = 22, 2048, 5632, 256, 32000
+
+
+def tinyllama_shapes() -> list[tuple[str, tuple[int, ...]]]:
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, D))]
+    for i in range(BLOCKS):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (D, D)), (p + "self_attn.k_proj.weight", (KV, D)),
+                (p + "self_attn.v_proj.weight", (KV, D)), (p + "self_attn.o_proj.weight", (D, D)),
+                (p + "mlp.gate_proj.weight", (FFN, D)), (p + "mlp.up_proj.weight", (FFN, D)),
+                (p + "mlp.down_proj.weight", (D, FFN)), (p + "input_layernorm.weight", (D,)),
+                (p + "post_attention_layernorm.weight", (D,))]
+    out += [("model.norm.weight", (D,)), ("lm_head.weight", (VOCAB, D))]
+    return out
+
+
+def write_checkpoint(folder: Path, shard_bytes: int, seed: int = 0) -> int:
+    """Random bf16 weights (N(0, 0.02^2); norms ones) in HF shards + index; returns bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, shape in tinyllama_shapes():
+        t = (torch.ones(shape) if len(shape) == 1
+             else torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        if size + t.numel() * 2 > shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.numel() * 2
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, part in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(part, str(folder / fname))
+        weight_map.update(dict.fromkeys(part, fname))
+        total += sum(t.numel() * 2 for t in part.values())
+        part.clear()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("model-*.safetensors"))
+
+
+def plain_read(folder: Path) -> float:
+    t0 = time.perf_counter()
+    for path in shard_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                del t
+    return time.perf_counter() - t0
+
+
+def reference(folder: Path, names: set[str]) -> tuple[dict[str, tuple[float, float]],
+                                                      dict[str, float]]:
+    """Naive full-SVD loop; returns ({name: (SR, kappa)}, {name: seconds})."""
+    out, secs = {}, {}
+    for path in shard_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name not in names:
+                    continue
+                t0 = time.perf_counter()
+                s = torch.linalg.svdvals(f.get_tensor(name).to(torch.float32)).to(torch.float64)
+                out[name] = (float((s**2).sum() / s[0] ** 2), float(s[0] / s[-1]))
+                secs[name] = time.perf_counter() - t0
+    return out, secs
+
+
+def timed_audit(folder: Path, mode: str, include: list[str]) -> tuple[object, dict[str, float]]:
+    """Run the audit; per-tensor seconds from the progress callback's timestamps."""
+    from spectral_guard.audit import audit
+
+    secs: dict[str, float] = {}
+    last = [time.perf_counter()]
+
+    def progress(done: int, total: int, name: str) -> None:
+        now = time.perf_counter()
+        secs[name] = now - last[0]
+        last[0] = now
+
+    report = audit(folder, mode=mode, include=include, progress=progress)
+    return report, secs
+
+
+def extrapolate(secs: dict[str, float], layers: int) -> float:
+    block = sum(v for k, v in secs.items() if k.startswith("model.layers."))
+    other = sum(v for k, v in secs.items() if not k.startswith("model.layers."))
+    return other + block * BLOCKS / layers
+
+
+def peak_rss_biopsy(folder: Path) -> tuple[float, float]:
+    """(seconds, peak RSS in bytes) of a biopsy audit in a fresh child process."""
+    code = ("import sys; from spectral_guard.audit import audit; "
+            "r = audit(sys.argv[1], mode='biopsy'); print(len(r.matrices))")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(folder)], check=True,
+                   stdout=subprocess.DEVNULL)
+    dt = time.perf_counter() - t0
+    return dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4,
+                    help="blocks timed for exact and reference (1..22, default 4)")
+    ap.add_argument("--repeat", type=int, default=2, help="plain/biopsy repetitions (best kept)")
+    ap.add_argument("--shard-mb", type=int, default=1000, help="shard size in MB (default 1000)")
+    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint")
+    args = ap.parse_args()
+    layers = max(1, min(BLOCKS, args.layers))
+    root = args.dir or Path(tempfile.mkdtemp(prefix="sg-bench-audit-"))
+    folder = root / "tinyllama-shaped"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    try:
+        t0 = time.perf_counter()
+        total = write_checkpoint(folder, args.shard_mb * 1_000_000)
+        print(f"wrote {len(shard_files(folder))} shards, {total / 1e9:.2f} GB of bf16 "
+              f"in {time.perf_counter() - t0:.1f} s: {folder}")
+
+        rss_secs, rss = peak_rss_biopsy(folder)  # first child: ru_maxrss is its own
+        print(f"biopsy audit in a child process: {rss_secs:.2f} s (incl. start-up), "
+              f"peak RSS {rss / 1e9:.3f} GB")
+
+        plain_t, biopsy_t, report = [], [], None
+        for _ in range(max(1, args.repeat)):
+            plain_t.append(plain_read(folder))
+            t0 = time.perf_counter()
+            report, _ = timed_audit(folder, "biopsy", [])
+            biopsy_t.append(time.perf_counter() - t0)
+        plain, biopsy = min(plain_t), min(biopsy_t)
+        print(f"plain read   : {', '.join(f'{t:.2f}' for t in plain_t)} s -> best {plain:.2f} s "
+              f"({total / plain / 1e9:.2f} GB/s)")
+        print(f"biopsy audit : {', '.join(f'{t:.2f}' for t in biopsy_t)} s -> best {biopsy:.2f} s"
+              f", {len(report.matrices)} matrices, {len(report.skipped)} skipped, "
+              f"status {dict((k, v) for k, v in report.status_counts().items() if v)}")
+
+        blocks = "|".join(str(i) for i in range(layers))
+        include = [rf"^model\.layers\.({blocks})\.", r"embed_tokens", r"lm_head"]
+        exact_rep, exact_secs = timed_audit(folder, "exact", include)
+        names = {m.tensor for m in exact_rep.matrices}
+        ref, ref_secs = reference(folder, names)
+        exact_total = extrapolate(exact_secs, layers)
+        ref_total = extrapolate(ref_secs, layers)
+        scope = "all 22 blocks" if layers == BLOCKS else \
+            f"{layers} blocks + embed + head, extrapolated to 22 blocks"
+        print(f"exact audit  : {sum(exact_secs.values()):.1f} s on {len(names)} matrices; "
+              f"{exact_total:.1f} s for the model ({scope})")
+        print(f"reference    : {sum(ref_secs.values()):.1f} s on {len(ref)} matrices; "
+              f"{ref_total:.1f} s for the model ({scope})")
+        err_sr = err_k = 0.0
+        for m in exact_rep.matrices:
+            sr, kappa = ref[m.tensor]
+            err_sr = max(err_sr, abs(m.stable_rank - sr) / sr)
+            k = m.condition_number if m.condition_number is not None else math.inf
+            err_k = max(err_k, abs(k - kappa) / kappa)
+        print(f"exact vs reference: max relative error SR {err_sr:.2e}, kappa {err_k:.2e} "
+              f"over {len(exact_rep.matrices)} matrices")
+        ok = (biopsy / plain <= 1.5, ref_total / biopsy >= 50, rss <= 1.5e9,
+              max(err_sr, err_k) <= 1e-4)
+        print(f"ratios: biopsy/plain {biopsy / plain:.2f} (goal <= 1.5) | reference/biopsy "
+              f"{ref_total / biopsy:.0f}x (goal >= 50) | biopsy peak RSS {rss / 1e9:.2f} GB "
+              f"(goal <= 1.5) | exact vs reference rel err {max(err_sr, err_k):.1e} "
+              f"(goal <= 1e-4) | goals met: {sum(ok)}/4")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
