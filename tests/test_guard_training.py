@@ -1,0 +1,59 @@
+"""Defaults on real (small) training: a healthy run is left alone, a stressed one is treated.
+
+A byte-level 2-layer GPT on generated text, 60 AdamW steps from one seed and one batch stream.
+``stressed`` multiplies the learning rate by 30 from step 20 (the shock of
+``bench/thermostat_probe.py``, smaller). The full-size measurement is in docs/guard.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from guard_models import byte_batches, seeded_model, synthetic_text
+
+import spectral_guard
+
+STEPS, SHOCK_AT, LR = 60, 20, 1e-3
+
+
+def _run(shock: float) -> dict:
+    model = seeded_model(0, n_layers=2, d=32, seq=32)
+    guard = spectral_guard.instrument(model)  # defaults
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    data = synthetic_text(50_000, seed=0)
+    for step, (x, y) in enumerate(byte_batches(data, 8, 32, STEPS, seed=0)):
+        if step == SHOCK_AT:
+            for group in opt.param_groups:
+                group["lr"] = LR * shock
+        loss = model(x, y)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert guard.global_step == STEPS
+    return guard.stats()
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, dict]:
+    return {"healthy": _run(1.0), "stressed": _run(30.0)}
+
+
+def test_healthy_training_triggers_no_interventions(runs):
+    t = runs["healthy"]["totals"]
+    assert t["checks"] == STEPS * 2  # ratio 0.1 of 12 layers: 2 layers per step
+    assert t["interventions"] <= 1
+    assert t["treated_layers"] == 0
+    assert "lm_head" in runs["healthy"]["skipped"]  # the output head is never pressured
+
+
+def test_stressed_training_triggers_interventions(runs):
+    healthy, stressed = runs["healthy"], runs["stressed"]
+    assert stressed["totals"]["interventions"] >= 8
+    assert stressed["totals"]["treated_layers"] >= 3
+    for row in stressed["layers"].values():
+        if row["interventions"]:
+            assert row["lambda_collapse"] > 0 or row["checks"] > row["interventions"]
+    ret_h = [r["sensors"]["effective_rank_retention"] for r in healthy["layers"].values()]
+    ret_s = [r["sensors"]["effective_rank_retention"] for r in stressed["layers"].values()]
+    assert sum(ret_s) / len(ret_s) < sum(ret_h) / len(ret_h) - 0.15
