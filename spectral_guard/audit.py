@@ -3,9 +3,9 @@
 One streaming pass per matrix. Rows are read in chunks of about 16 MiB through ``get_slice``;
 each chunk is scanned once for NaN/Inf and all-zero rows/columns (on the IEEE bit patterns:
 ``|x|`` bits ``>= exponent mask`` is non-finite, ``== 0`` is zero), and in biopsy mode the
-seeded sample rows (:func:`~spectral_guard.estimators.biopsy_indices`) are copied out of the
-same chunk, so the checkpoint is read exactly once. The sample's columns are then selected in
-memory and the ``<= limit x limit`` biopsy is decomposed. Exact mode reads the whole tensor
+seeded sample rows (:func:`audit_biopsy_indices`) are copied out of the same chunk, so the
+checkpoint is read exactly once. The sample's columns are then selected in memory and the
+biopsy (at most ``limit x 0.75 limit``) is decomposed. Exact mode reads the whole tensor
 and decomposes it (float32, or float64 for F64 storage).
 
 How tensors become matrices (``shape`` in the report is the audited 2-D shape):
@@ -342,6 +342,33 @@ def _measure(stream: TensorStream, plan: _Plan, lead: tuple[int, ...], mode: str
     return _Measured(scan, matrix, sub)
 
 
+BIOPSY_ASPECT = 0.75
+"""Short side / long side of the biopsy of a matrix larger than ``limit``."""
+
+
+def audit_biopsy_indices(shape: tuple[int, int], limit: int, seed: int
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Sorted seeded row and column indices of the audit's biopsy (``None``: whole axis).
+
+    A matrix with both sides ``<= limit`` is measured whole. Otherwise the biopsy is
+    rectangular: ``limit`` along the longer axis and ``floor(0.75 * limit)`` along the shorter
+    (each capped by the axis length), drawn with
+    :func:`~spectral_guard.estimators.biopsy_indices` (rows with ``seed``, columns with
+    ``seed + 1``). Why not square: the smallest singular value of a square random submatrix is
+    heavy-tailed (``P(kappa > K) ~ 2 limit / K``), so a square biopsy of a healthy layer is
+    "singular" now and then; a 4:3 biopsy has ``kappa`` concentrated near
+    ``(1 + sqrt(3/4)) / (1 - sqrt(3/4)) ~ 14`` for noise-like weights.
+    """
+    m, n = shape
+    if m <= limit and n <= limit:
+        return None, None
+    short = max(1, int(limit * BIOPSY_ASPECT))
+    r_lim, c_lim = (limit, short) if m >= n else (short, limit)
+    rows = biopsy_indices((m, 1), r_lim, seed)[0]
+    cols = biopsy_indices((n, 1), c_lim, seed + 1)[0]
+    return rows, cols
+
+
 def _fill(result: MatrixResult, scan: _Scan, metrics: SpectralMetrics | None,
           biopsy: torch.Tensor, thresholds: Thresholds) -> None:
     result.nan, result.inf = scan.nan, scan.inf
@@ -374,7 +401,8 @@ def _fill(result: MatrixResult, scan: _Scan, metrics: SpectralMetrics | None,
 def _audit_tensor(plan: _Plan, mode: str, limit: int, seed: int,
                   thresholds: Thresholds) -> list[MatrixResult]:
     info = plan.info
-    rows_idx, cols_idx = biopsy_indices((plan.rows, plan.cols), limit, name_seed(seed, info.name))
+    rows_idx, cols_idx = audit_biopsy_indices((plan.rows, plan.cols), limit,
+                                              name_seed(seed, info.name))
     results: list[MatrixResult] = []
     measured: list[_Measured] = []
     with TensorStream(info) as stream:

@@ -55,14 +55,30 @@ def test_streamed_biopsy_matches_in_memory_biopsy_and_float64_reference(tmp_path
     save_file({"layer.weight": W}, str(p))
     rep = audit(p, mode="biopsy", limit=64, seed=5, thresholds=OFF)
     m = rep.matrices[0]
-    assert m.measured_shape == (64, 64) and m.shape == (300, 250)
-    rows, cols = biopsy_indices((300, 250), 64, name_seed(5, "layer.weight"))
+    assert m.measured_shape == (64, 48) and m.shape == (300, 250)
+    seed = name_seed(5, "layer.weight")
+    rows = biopsy_indices((300, 1), 64, seed)[0]
+    cols = biopsy_indices((250, 1), 48, seed + 1)[0]
+    assert torch.equal(rows, audit_mod.audit_biopsy_indices((300, 250), 64, seed)[0])
     ref = np_metrics(W[rows][:, cols])
     for key, value in ref.items():
         assert getattr(m, key) == pytest.approx(value, rel=1e-4), key
-    mem = spectral_metrics(W, mode="biopsy", limit=64, seed=name_seed(5, "layer.weight"))
+    mem = spectral_metrics(W[rows][:, cols], mode="exact")
     assert m.stable_rank == pytest.approx(mem.stable_rank, rel=1e-6)
     assert m.alpha == pytest.approx(mem.alpha, rel=1e-6)
+
+
+def test_biopsy_shape_rule():
+    assert audit_mod.audit_biopsy_indices((100, 90), 128, 0) == (None, None)
+    for shape, expect in (((2048, 5632), (384, 512)), ((5632, 2048), (512, 384)),
+                          ((600, 600), (512, 384)), ((256, 2048), (256, 512)),
+                          ((32000, 300), (512, 300))):
+        rows, cols = audit_mod.audit_biopsy_indices(shape, 512, 7)
+        got = (shape[0] if rows is None else len(rows), shape[1] if cols is None else len(cols))
+        assert got == expect, shape
+        for idx, size in ((rows, shape[0]), (cols, shape[1])):
+            if idx is not None:
+                assert torch.all(idx[1:] > idx[:-1]) and int(idx[-1]) < size
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -152,7 +168,7 @@ def test_stacked_experts_biopsy_share_indices(tmp_path):
     p = tmp_path / "m.safetensors"
     save_file({"e": experts}, str(p))
     got = by_name(audit(p, mode="biopsy", limit=32, seed=1))
-    rows, cols = biopsy_indices((100, 90), 32, name_seed(1, "e"))
+    rows, cols = audit_mod.audit_biopsy_indices((100, 90), 32, name_seed(1, "e"))
     for e in range(2):
         ref = np_metrics(experts[e][rows][:, cols])
         assert got[f"e[{e}]"].stable_rank == pytest.approx(ref["stable_rank"], rel=1e-4)
@@ -279,7 +295,7 @@ def test_trained_models_learned(trained):
 def test_healthy_trained_models_are_not_flagged(trained, mode):
     p = trained["folder"] / "healthy.safetensors"
     save_file({**trained["mlp"], **trained["lm"]}, str(p))
-    rep = audit(p, mode=mode, limit=48)
+    rep = audit(p, mode=mode, limit=64)
     flagged = {m.name: m.reasons for m in rep.matrices if m.status != "ok"}
     assert flagged == {}
     assert rep.exit_code == 0
@@ -304,7 +320,7 @@ def test_injected_damage_is_flagged_exactly_where_injected(trained, mode):
         state[name] = tiny_models.inject(state[name], kind, seed=0)
     p = trained["folder"] / "damaged.safetensors"
     save_file(state, str(p))
-    rep = audit(p, mode=mode, limit=48)
+    rep = audit(p, mode=mode, limit=64)
     flagged = {m.name: m.status for m in rep.matrices if m.status != "ok"}
     assert flagged == {name: status for name, (_, status) in INJECTED.items()}
     assert rep.exit_code == 1
