@@ -192,8 +192,14 @@ def inject(W: Tensor, kind: str, seed: int = 0) -> Tensor:
     m, n = Wf.shape
     if kind in ("rank1", "rank4"):
         r = 1 if kind == "rank1" else 4
-        U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
-        low = (U[:, :r] * S[:r]) @ Vh[:r]
+        if max(m, n) <= 1024:
+            U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
+            low = (U[:, :r] * S[:r]) @ Vh[:r]
+        else:  # big layers: randomized SVD (top-r subspace, accurate for a decaying tail)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                U, S, V = torch.svd_lowrank(Wf, q=r + 8, niter=4)
+            low = (U[:, :r] * S[:r]) @ V[:, :r].T
         out = low * (Wf.norm() / low.norm())
     elif kind == "spike":
         u = torch.randn(m, 1, generator=gen, dtype=torch.float64)
