@@ -67,18 +67,21 @@ def rank_rtol(shape: tuple[int, ...], storage_dtype: torch.dtype) -> float:
 
 
 def stable_rank_from_sv(s: Tensor) -> Tensor:
-    """``SR = sum s_i^2 / s_1^2``; 0 for the zero matrix. ``s`` sorted descending, last dim."""
+    """``SR = sum s_i^2 / s_1^2``; 0 for the zero matrix, ``nan`` for ``nan`` input.
+    ``s`` sorted descending, last dim."""
     top = s[..., 0] ** 2
     total = (s**2).sum(-1)
-    return torch.where(top > 0, total / torch.where(top > 0, top, 1), torch.zeros_like(top))
+    return torch.where(top == 0, torch.zeros_like(top), total / torch.where(top == 0, 1, top))
 
 
 def effective_rank_from_sv(s: Tensor) -> Tensor:
-    """Roy & Vetterli effective rank ``exp(-sum p_i log p_i)``, ``p = s / sum s``; 0 for zero."""
+    """Roy & Vetterli effective rank ``exp(-sum p_i log p_i)``, ``p = s / sum s``; 0 for zero,
+    ``nan`` for ``nan`` input."""
     total = s.sum(-1, keepdim=True)
-    p = s / torch.where(total > 0, total, 1)
+    p = s / torch.where(total == 0, 1, total)
     entropy = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1)), 0).sum(-1)
-    return torch.where(total.squeeze(-1) > 0, torch.exp(entropy), torch.zeros_like(entropy))
+    entropy = torch.where(torch.isnan(total.squeeze(-1)), math.nan, entropy)
+    return torch.where(total.squeeze(-1) == 0, torch.zeros_like(entropy), torch.exp(entropy))
 
 
 def condition_number_from_sv(s: Tensor, rtol: float = 0.0) -> Tensor:
@@ -89,9 +92,24 @@ def condition_number_from_sv(s: Tensor, rtol: float = 0.0) -> Tensor:
     return torch.where(singular, torch.full_like(top, math.inf), kappa)
 
 
+def _svdvals_or_nan(Wc: Tensor) -> Tensor:
+    """``svdvals`` of a matrix (or stack); all-``nan`` for a matrix with a non-finite entry.
+
+    LAPACK raises on NaN and returns garbage (and prints errors) on Inf, which made
+    ``stable_rank`` of a matrix with an Inf read 0.0; every sensor reports ``nan`` instead.
+    """
+    finite = torch.isfinite(Wc).flatten(-2).all(-1)
+    if bool(finite.all()):
+        return torch.linalg.svdvals(Wc)
+    safe = torch.where(finite[..., None, None], Wc, torch.zeros((), dtype=Wc.dtype))
+    s = torch.linalg.svdvals(safe)
+    return torch.where(finite[..., None], s, torch.full((), math.nan, dtype=s.dtype))
+
+
 def singular_values(W: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Exact singular values (descending) by a full SVD in float32, or ``dtype`` (e.g. float64)."""
-    return torch.linalg.svdvals(as_compute_tensor(W, dtype))
+    """Exact singular values (descending) by a full SVD in float32, or ``dtype`` (e.g. float64).
+    All ``nan`` when ``W`` has a non-finite entry."""
+    return _svdvals_or_nan(as_compute_tensor(W, dtype))
 
 
 def spectral_norm(W: Tensor, dtype: torch.dtype | None = None) -> float:
@@ -178,7 +196,7 @@ def powerlaw_alpha(eigs: Tensor, xmin: float | None = None) -> float:
 
 def esd(W: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """Empirical spectral density support: eigenvalues ``s_i^2`` of ``W^T W`` (ascending)."""
-    s = torch.linalg.svdvals(as_compute_tensor(W, dtype))
+    s = _svdvals_or_nan(as_compute_tensor(W, dtype))
     return torch.flip(s**2, dims=(-1,))
 
 
@@ -203,7 +221,10 @@ def alpha_hill(W: Tensor) -> float:
     Numerically zero singular values (below :func:`rank_rtol` of ``W``'s storage dtype) are
     left out of the fit; a matrix with fewer than 2 non-zero ones gives ``nan``.
     """
-    s = torch.linalg.svdvals(as_compute_tensor(W, torch.float64))
+    Wc = as_compute_tensor(W, torch.float64)
+    if not bool(torch.isfinite(Wc).all()):
+        return math.nan
+    s = torch.linalg.svdvals(Wc)
     return powerlaw_alpha(nonzero_eigenvalues_from_sv(s, rank_rtol(tuple(W.shape), W.dtype)))
 
 
@@ -243,6 +264,8 @@ def farms_alpha(W: Tensor, aspect: float = 1.0, overlap: float = 0.5,
     Numerically zero singular values of each window (the :func:`rank_rtol` rule) are left out.
     """
     Wc = as_compute_tensor(W, torch.float64)
+    if not bool(torch.isfinite(Wc).all()):
+        return math.nan
     wins = farms_windows(tuple(Wc.shape), aspect, overlap, window)
     stack = torch.stack([Wc[r0:r1, c0:c1] for r0, r1, c0, c1 in wins])
     s = torch.linalg.svdvals(stack)
@@ -270,6 +293,8 @@ def fiedler_value(W: Tensor) -> float:
     edgeless graph with value 0. Cost ``O(m^2 n + m^3)``: use it on a row biopsy.
     """
     Wc = as_compute_tensor(W, torch.float64)
+    if not bool(torch.isfinite(Wc).all()):
+        return math.nan
     norms = Wc.norm(dim=1)
     rows = Wc[norms > 0] / norms[norms > 0, None]
     m = rows.shape[0]

@@ -181,6 +181,30 @@ def test_nan_and_inf_are_counted_and_metrics_are_nan():
     assert math.isnan(E.spectral_metrics(W.bfloat16()).stable_rank)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_single_sensors_report_nan_for_non_finite_input(bad, capfd):
+    # LAPACK raised on NaN and, on Inf, printed MKL errors and returned garbage (stable_rank
+    # read 0.0); every sensor must say nan instead, and never raise
+    W = torch.randn(50, 40, generator=gen(15))
+    W[3, 3] = bad
+    for fn in (S.stable_rank, S.stable_rank_ratio, S.condition_number, S.effective_rank,
+               S.effective_rank_ratio, S.alpha_hill, S.farms_alpha, S.fiedler_value,
+               S.spectral_norm, S.sigma_min):
+        assert math.isnan(fn(W)), fn.__name__
+    assert bool(torch.isnan(S.singular_values(W)).all())
+    assert bool(torch.isnan(S.esd(W)).all())
+    assert math.isnan(S.frobenius_norm(W)) == math.isnan(bad)
+    # a stack: only the bad matrix is nan
+    s = S.singular_values(torch.stack([W, torch.ones(50, 40)]))
+    assert bool(torch.isnan(s[0]).all()) and float(s[1, 0]) == pytest.approx(math.sqrt(2000))
+    assert "ERROR" not in capfd.readouterr().out
+    # the from-sv helpers propagate nan instead of turning it into 0
+    nan_sv = torch.tensor([math.nan, 1.0])
+    assert math.isnan(float(S.stable_rank_from_sv(nan_sv)))
+    assert math.isnan(float(S.effective_rank_from_sv(nan_sv)))
+    assert math.isnan(float(S.condition_number_from_sv(nan_sv)))
+
+
 def test_hygiene_dead_units_and_duplicates():
     W = torch.randn(12, 8, generator=gen(4), dtype=F64)
     W[3] = 0.0  # dead output unit
