@@ -34,7 +34,7 @@ _LOW_PRECISION = {torch.float16, torch.bfloat16}
 
 
 def as_compute_tensor(W: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Detached copy-free view of ``W`` in a dtype linalg can use.
+    """Detached ``W`` in a dtype linalg can use (a view when no conversion is needed).
 
     fp16, bf16 and float8 inputs are upcast to float32 (or ``dtype``); float32/float64 stay as
     they are unless ``dtype`` asks otherwise. The input is never modified.

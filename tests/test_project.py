@@ -90,3 +90,20 @@ def test_module_entry_point_in_a_real_process():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert spectral_guard.__version__ in proc.stdout
+
+
+def test_sensor_benchmark_quick_run():
+    # smoke test of bench/sensors.py: it runs, prints every path, and its errors are numbers
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sensors.py"), "--quick",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for path in ("exact svdvals", "biopsy 128", "biopsy 128 keep_aspect", "power warm 1 step",
+                 "power cold 8 steps", "sigma_min power 50 steps", "8 biopsies: loop",
+                 "8 biopsies: batched"):
+        assert path in proc.stdout, path
+    assert "total wall time" in proc.stdout
+    warm = [line for line in proc.stdout.splitlines() if "power warm 1 step" in line]
+    assert len(warm) == 4  # three Gaussian shapes and the trained-like matrix
+    for line in warm:
+        sigma_err = float(line.split()[-4])
+        assert 0.0 <= sigma_err < 1e-2
