@@ -62,7 +62,7 @@ class GuardConfig:
                       only :meth:`Guard.step` advances
     """
 
-    ratio: float = 0.1
+    ratio: float = 0.05
     every: int = 1
     seed: int = 0
     sensors: tuple[str, ...] = ("effective_rank",)

@@ -264,7 +264,7 @@ class Guard:
             return  # no baseline: relative sensors stay silent for this layer
         probe.u.copy_(state.u)
         probe.v.copy_(state.v)
-        s = torch.linalg.svdvals(B)
+        s = _singular_values(B, precise="condition_number" in layer.sensors)
         base = probe.baseline
         base[_B["effective_rank"]] = float(effective_rank_from_sv(s))
         base[_B["stable_rank"]] = float(stable_rank_from_sv(s))
@@ -407,7 +407,7 @@ class Guard:
         if cond_on:
             U, s, Vh = torch.linalg.svd(B, full_matrices=False)
         else:
-            s = torch.linalg.svdvals(B)
+            s = _singular_values(B, precise="condition_number" in layer.sensors)
         r, base = probe.readings, probe.baseline
         r[_R["sigma_max"]] = float(sigma)
         r[_R["effective_rank"]] = float(effective_rank_from_sv(s))
@@ -655,6 +655,21 @@ class Guard:
         if getattr(self.model, "_spectral_guard", None) is self:
             del self.model._spectral_guard
         return self.model
+
+
+def _singular_values(B: Tensor, precise: bool) -> Tensor:
+    """Descending singular values of the biopsy by one decomposition.
+
+    ``precise``: ``svdvals``. Otherwise the eigenvalues of the smaller Gram matrix
+    (``s_i = sqrt(lambda_i(B^T B))``), 2-5x faster on CPU at 256 x 256; relative errors of
+    ``s_i`` are ``~ eps * (s_1 / s_i)^2``, harmless for effective and stable rank, which is all
+    the default sensors read. (Condition numbers above ~1e3 are not resolved this way, so the
+    conditioning sensor always takes the SVD path.)
+    """
+    if precise:
+        return torch.linalg.svdvals(B)
+    G = B.mT @ B if B.shape[-1] <= B.shape[-2] else B @ B.mT
+    return torch.linalg.eigvalsh(G).flip(-1).clamp_min(0).sqrt()
 
 
 def _original(module: nn.Module) -> Tensor:
