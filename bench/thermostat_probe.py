@@ -53,7 +53,7 @@ def train(lr: float, shock: float, shock_at: int, steps: int, monitor: bool, see
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if monitor and step >= 10:
             for name, row in guard.stats()["layers"].items():
                 t = track.setdefault(name, {})
