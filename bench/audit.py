@@ -4,7 +4,8 @@ Writes a sharded checkpoint with random weights (22 blocks, d=2048, ffn 5632, GQ
 256 x 2048, vocab 32000, untied lm_head: 156 matrices, ~2.2 GB) to a temp dir, then times in
 one process:
 
-1. ``plain``     reading every tensor once with ``safe_open(...).get_tensor`` (the floor);
+1. ``plain``     reading every tensor once: ``safe_open(...).get_tensor(name).clone()`` (the
+   floor: ``get_tensor`` alone returns a lazy view of the file mapping and reads nothing);
 2. ``biopsy``    ``audit(mode="biopsy")`` on the whole checkpoint;
 3. ``exact``     ``audit(mode="exact")``;
 4. ``reference`` a naive loop: load each matrix, ``torch.linalg.svdvals`` in float32,
@@ -17,7 +18,7 @@ extrapolated as ``t(embed) + t(head) + 22 / K * t(K blocks)`` (exact when K = 22
 The peak RSS of a biopsy audit is measured in a fresh child process (``ru_maxrss``).
 The last line prints the ratios against the goals.
 
-    python bench/audit.py [--layers 4] [--repeat 2] [--dir DIR] [--keep]
+    python bench/audit.py [--layers 4] [--repeat 2] [--dir DIR [--keep]]
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def plain_read(folder: Path) -> float:
     for path in shard_files(folder):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                t = f.get_tensor(name)
+                # get_tensor returns a lazy view of the mapping: clone() reads every byte
+                t = f.get_tensor(name).clone()
                 del t
     return time.perf_counter() - t0
 
@@ -150,7 +152,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="plain/biopsy repetitions (best kept)")
     ap.add_argument("--shard-mb", type=int, default=1000, help="shard size in MB (default 1000)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoint")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the checkpoint (and reuse one already in --dir)")
     args = ap.parse_args()
     layers = max(1, min(BLOCKS, args.layers))
     root = args.dir or Path(tempfile.mkdtemp(prefix="sg-bench-audit-"))
@@ -158,9 +161,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     try:
         t0 = time.perf_counter()
-        total = write_checkpoint(folder, args.shard_mb * 1_000_000)
-        print(f"wrote {len(shard_files(folder))} shards, {total / 1e9:.2f} GB of bf16 "
-              f"in {time.perf_counter() - t0:.1f} s: {folder}")
+        if args.keep and (folder / "model.safetensors.index.json").exists():
+            total = sum(p.stat().st_size for p in shard_files(folder))
+            print(f"reusing {folder} ({total / 1e9:.2f} GB)")
+        else:
+            total = write_checkpoint(folder, args.shard_mb * 1_000_000)
+            print(f"wrote {len(shard_files(folder))} shards, {total / 1e9:.2f} GB of bf16 "
+                  f"in {time.perf_counter() - t0:.1f} s: {folder}")
 
         rss_secs, rss = peak_rss_biopsy(folder)  # first child: ru_maxrss is its own
         print(f"biopsy audit in a child process: {rss_secs:.2f} s (incl. start-up), "

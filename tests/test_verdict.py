@@ -98,7 +98,9 @@ def test_default_thresholds_resolve_embedding_group():
     assert th.group_for("model.embed_tokens.weight") == "embeddings_and_heads"
     assert th.group_for("model.layers.0.mlp.up_proj.weight") is None
     assert emb == head
-    assert hidden.stable_rank_min is not None and emb.stable_rank_min is None
-    obs = healthy(stable_rank=1.05)
-    assert judge(obs, hidden)[0] == "collapsed"
-    assert judge(obs, emb)[0] == "ok"
+    assert emb.stable_rank_min < hidden.stable_rank_min
+    assert emb.effective_rank_ratio_min < hidden.effective_rank_ratio_min
+    between = healthy(stable_rank=(emb.stable_rank_min + hidden.stable_rank_min) / 2)
+    assert judge(between, hidden)[0] == "collapsed"
+    assert judge(between, emb)[0] == "ok"
+    assert judge(healthy(stable_rank=1.0), emb)[0] == "collapsed"  # rank 1 is caught everywhere
