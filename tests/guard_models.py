@@ -88,7 +88,7 @@ class TinyGPT(nn.Module):
 
     def __init__(self, n_layers: int = 2, d: int = 64, heads: int = 4, seq: int = 64,
                  vocab: int = 256, tied: bool = False, use_mha: bool = False,
-                 checkpoint: bool = False) -> None:
+                 checkpoint: bool | str = False) -> None:
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(seq, d)
@@ -107,7 +107,8 @@ class TinyGPT(nn.Module):
         x = self.wte(idx) + self.wpe(torch.arange(t))
         for block in self.blocks:
             if self.checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, use_reentrant=self.checkpoint == "reentrant")
             else:
                 x = block(x)
         logits = self.lm_head(self.ln_f(x))

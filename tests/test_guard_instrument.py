@@ -305,11 +305,12 @@ def test_gradient_accumulation_does_not_change_the_penalty_gradient():
             - grads[(1, False)]["blocks.0.fc.weight"]).abs().max() > 0
 
 
-def test_activation_checkpoint_recompute_adds_no_stale_terms():
+@pytest.mark.parametrize("mode", [True, "reentrant"])
+def test_activation_checkpoint_recompute_adds_no_stale_terms(mode):
     base = _small()
     (x, y), = _batches(1)
     results = []
-    for ckpt in (False, True):
+    for ckpt in (False, mode):
         model = copy.deepcopy(base)
         model.checkpoint = ckpt
         guard = spectral_guard.instrument(model, ratio=1.0, thresholds=ALWAYS)
