@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,7 +80,6 @@ class GuardConfig:
     watch_unguarded: bool = False
     auto_loss: bool = True
     step_on: Literal["optimizer", "manual"] = "optimizer"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
