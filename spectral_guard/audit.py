@@ -29,6 +29,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +49,13 @@ from .checkpoint import (
     open_checkpoint,
 )
 from .estimators import biopsy_indices, name_seed, spectral_metrics, spectral_metrics_batched
-from .sensors import SpectralMetrics, duplicate_rows
+from .sensors import (
+    SpectralMetrics,
+    as_compute_tensor,
+    duplicate_rows,
+    metrics_from_singular_values,
+    rank_rtol,
+)
 from .thresholds import Thresholds, load_thresholds
 from .verdict import DEFAULT_FAIL_ON, STATUSES, Observation, judge, severity
 
@@ -286,7 +293,7 @@ class _Scan:
     nan: int = 0
     inf: int = 0
     dead_rows: int = 0
-    col_max: torch.Tensor | None = None
+    dead_col_candidates: torch.Tensor | None = None
 
     def update(self, block: torch.Tensor) -> None:
         if block.dtype not in _BITS:  # float8: small, upcasting is exact
@@ -295,15 +302,21 @@ class _Scan:
         bits = block.contiguous().view(int_dtype) & mask
         row_max = bits.amax(1)
         self.dead_rows += int((row_max == 0).sum())
-        col_max = bits.amax(0)
-        self.col_max = col_max if self.col_max is None else torch.maximum(self.col_max, col_max)
+        # all-zero columns: candidates are the zero columns of the first chunk; later chunks
+        # only look at the surviving candidates (usually none), not at every column
+        cand = self.dead_col_candidates
+        if cand is None:
+            self.dead_col_candidates = torch.nonzero(bits.amax(0) == 0).flatten()
+        elif cand.numel():
+            self.dead_col_candidates = cand[bits.index_select(1, cand).amax(0) == 0]
         if bool((row_max >= inf_bits).any()):
             self.nan += int(torch.isnan(block).sum())
             self.inf += int(torch.isinf(block).sum())
 
     @property
     def dead_cols(self) -> int:
-        return 0 if self.col_max is None else int((self.col_max == 0).sum())
+        cand = self.dead_col_candidates
+        return 0 if cand is None else int(cand.numel())
 
 
 @dataclass
@@ -413,13 +426,31 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 SMALL_SVD = 1024
-"""Matrices with both sides ``<= SMALL_SVD`` are decomposed on one thread: LAPACK threading
-gains nothing at biopsy sizes and, on a machine whose cores are busy, a multi-threaded
-512 x 384 SVD was measured 35x slower (2.9 s vs 0.08 s)."""
+"""Biopsy mode decomposes matrices with both sides ``<= SMALL_SVD`` through the float64 Gram
+matrix, on one thread: LAPACK threading gains nothing at biopsy sizes and, on a machine whose
+cores are busy, a multi-threaded 512 x 384 SVD was measured 35x slower (2.9 s vs 0.08 s)."""
 
 
-def _audit_tensor(plan: _Plan, mode: str, limit: int, seed: int,
-                  thresholds: Thresholds) -> list[MatrixResult]:
+def _singular_values(M: torch.Tensor) -> torch.Tensor:
+    """Descending singular values of a finite matrix.
+
+    Biopsy-size matrices of 8/16/32-bit storage: ``sqrt(eig(G))`` of the float64 Gram matrix of
+    the shorter side (``G = M^T M`` or ``M M^T``), about 1.6x cheaper than ``svdvals``; the
+    relative error of ``s_i`` is about ``eps64 * (s_1 / s_i)^2``, below 1e-4 until
+    ``s_1 / s_i ~ 1e6``, beyond the rank tolerance at which kappa is reported as ``inf``.
+    Otherwise (F64 storage, or larger): ``torch.linalg.svdvals``.
+    """
+    if M.dtype == torch.float64 or max(M.shape) > SMALL_SVD:
+        return torch.linalg.svdvals(M.to(torch.float64 if M.dtype == torch.float64
+                                         else torch.float32))
+    X = M.to(torch.float64)
+    G = X.T @ X if X.shape[0] >= X.shape[1] else X @ X.T
+    return torch.linalg.eigvalsh(G).flip(0).clamp_min(0).sqrt()
+
+
+def _read_tensor(plan: _Plan, mode: str, limit: int, seed: int, thresholds: Thresholds
+                 ) -> tuple[list[MatrixResult], list[_Measured]]:
+    """The streaming pass over one tensor: hygiene counts and the matrices to decompose."""
     info = plan.info
     rows_idx, cols_idx = audit_biopsy_indices((plan.rows, plan.cols), limit,
                                               name_seed(seed, info.name))
@@ -433,19 +464,35 @@ def _audit_tensor(plan: _Plan, mode: str, limit: int, seed: int,
                 name=name, tensor=info.name, file=str(info.file), shape=(plan.rows, plan.cols),
                 tensor_shape=info.shape, dtype=info.dtype, group=thresholds.group_for(name),
                 mode=mode, measured_shape=tuple(meas.matrix.shape)))
-    finite = [i for i, m in enumerate(measured) if m.scan.nan + m.scan.inf == 0]
-    metrics: list[SpectralMetrics | None] = [None] * len(measured)
+    return results, measured
+
+
+def _finish_tensor(results: list[MatrixResult], measured: list[_Measured], mode: str,
+                   thresholds: Thresholds) -> list[MatrixResult]:
+    """Decompose the measured matrices, then judge them."""
     small = max(measured[0].matrix.shape) <= SMALL_SVD
     with _threads(1 if small else None):
-        if len(finite) == 1 and len(measured) == 1:
-            metrics[0] = spectral_metrics(measured[0].matrix, mode="exact", alpha=True)
-        elif finite:
-            stack = torch.stack([measured[i].matrix for i in finite])
-            for i, met in zip(finite, spectral_metrics_batched(stack, mode="exact", alpha=True),
-                              strict=True):
-                metrics[i] = met
-        for res, meas, met in zip(results, measured, metrics, strict=True):
-            _fill(res, meas.scan, met, meas.biopsy, thresholds)
+        return _decompose_and_judge(results, measured, mode, thresholds)
+
+
+def _decompose_and_judge(results: list[MatrixResult], measured: list[_Measured], mode: str,
+                         thresholds: Thresholds) -> list[MatrixResult]:
+    finite = [i for i, m in enumerate(measured) if m.scan.nan + m.scan.inf == 0]
+    metrics: list[SpectralMetrics | None] = [None] * len(measured)
+    if mode == "biopsy" and len(measured) == 1 and finite:
+        M = measured[0].matrix
+        rtol = rank_rtol(tuple(M.shape), M.dtype)
+        metrics[0] = metrics_from_singular_values(_singular_values(as_compute_tensor(M)),
+                                                  tuple(M.shape), rtol, alpha=True)
+    elif len(measured) == 1 and finite:
+        metrics[0] = spectral_metrics(measured[0].matrix, mode="exact", alpha=True)
+    elif finite:
+        stack = torch.stack([measured[i].matrix for i in finite])
+        for i, met in zip(finite, spectral_metrics_batched(stack, mode="exact", alpha=True),
+                          strict=True):
+            metrics[i] = met
+    for res, meas, met in zip(results, measured, metrics, strict=True):
+        _fill(res, meas.scan, met, meas.biopsy, thresholds)
     return results
 
 
@@ -521,11 +568,29 @@ def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limi
     total = sum(p.info.nbytes for p in plans)
     done = 0
     results: list[MatrixResult] = []
-    for plan in plans:
-        results.extend(_audit_tensor(plan, mode, int(limit), int(seed), th))
-        done += plan.info.nbytes
-        if progress is not None:
-            progress(done, total, plan.info.name)
+    if mode == "biopsy":
+        # two stages on two threads: stream + scan tensor i+1 while tensor i's biopsy is
+        # decomposed (torch releases the GIL); each stage single-threaded, at most one tensor
+        # waits between them, so memory stays at about two biopsies plus one chunk
+        with _threads(1), ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for plan in plans:
+                read = _read_tensor(plan, mode, int(limit), int(seed), th)
+                if pending is not None:
+                    results.extend(pending.result())
+                pending = pool.submit(_finish_tensor, *read, mode, th)
+                done += plan.info.nbytes
+                if progress is not None:
+                    progress(done, total, plan.info.name)
+            if pending is not None:
+                results.extend(pending.result())
+    else:
+        for plan in plans:
+            read = _read_tensor(plan, mode, int(limit), int(seed), th)
+            results.extend(_finish_tensor(*read, mode, th))
+            done += plan.info.nbytes
+            if progress is not None:
+                progress(done, total, plan.info.name)
     results.sort(key=_sort_key)
     return Report(
         sources=[s.to_json_dict() for s in ckpt.sources], thresholds=th,

@@ -98,9 +98,10 @@ def test_small_matrix_biopsy_equals_exact(tmp_path):
     save_file(gaussian_matrices(), str(p))
     a = by_name(audit(p, mode="biopsy", limit=512, thresholds=OFF))
     b = by_name(audit(p, mode="exact", thresholds=OFF))
-    for name in a:
-        assert a[name].stable_rank == pytest.approx(b[name].stable_rank, rel=1e-9)
-        assert a[name].condition_number == pytest.approx(b[name].condition_number, rel=1e-9)
+    for name in a:  # same matrix; biopsy: float64 Gram eigenvalues, exact: float32 SVD
+        assert a[name].measured_shape == b[name].measured_shape
+        assert a[name].stable_rank == pytest.approx(b[name].stable_rank, rel=1e-5)
+        assert a[name].condition_number == pytest.approx(b[name].condition_number, rel=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64,
