@@ -5,7 +5,7 @@ TinyLlama shapes, injects damage into copies, audits everything in exact and bio
 the thresholds switched off, and prints the metric ranges per population, then audits again
 with the shipped defaults and counts false alarms and misses.
 
-    python bench/calibrate_defaults.py [--cache DIR] [--quick]
+    python bench/calibrate_defaults.py [--cache DIR] [--quick] [--limit 256] [--modes biopsy,exact]
 
 Trained checkpoints are cached in --cache (default: a temp dir) so a rerun skips training.
 """
@@ -80,6 +80,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="short training (smoke run)")
+    ap.add_argument("--limit", type=int, default=256, help="biopsy limit (default 256)")
+    ap.add_argument("--modes", default="biopsy,exact", help="comma-separated modes")
     args = ap.parse_args()
     torch.manual_seed(0)
     cache = args.cache or Path(tempfile.mkdtemp(prefix="sg-calib-"))
@@ -105,10 +107,12 @@ def main() -> None:
         save_file(state, str(p))
         damaged_paths[kind] = p
 
-    for mode in ("biopsy", "exact"):
-        reports = {f"healthy {n}": audit(p, mode=mode) for n, p in healthy_paths.items()}
-        reports.update({f"injected {k}": audit(p, mode=mode) for k, p in damaged_paths.items()})
-        print(f"\n## metric ranges, mode={mode}\n", flush=True)
+    for mode in args.modes.split(","):
+        kw = {"mode": mode, "limit": args.limit}
+        reports = {f"healthy {n}": audit(p, **kw) for n, p in healthy_paths.items()}
+        reports.update({f"injected {k}": audit(p, **kw) for k, p in damaged_paths.items()})
+        print(f"\n## metric ranges, mode={mode}" + (f", limit {args.limit}" if mode == "biopsy"
+                                                      else "") + "\n", flush=True)
         print("| population | matrices | " + " | ".join(METRICS) + " |")
         print("|---|---|" + "---|" * len(METRICS))
         groups: dict[str, list[dict]] = {}

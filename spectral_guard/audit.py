@@ -514,7 +514,7 @@ def _compile(patterns: Sequence[str], flag: str) -> list[re.Pattern]:
     return out
 
 
-def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limit: int = 512,
+def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limit: int = 256,
           seed: int = 0, include: Sequence[str] = (), exclude: Sequence[str] = (),
           thresholds: Thresholds | str | Path | None = None,
           fail_on: Sequence[str] = DEFAULT_FAIL_ON,
