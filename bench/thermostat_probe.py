@@ -7,7 +7,7 @@ layer's readings at every step; a second pair of runs uses the default guard con
 counts interventions. Prints per-run minima/maxima of each sensor by layer role and the
 intervention counts. Data are generated (a tiny grammar), nothing is downloaded.
 
-    python bench/thermostat_probe.py            # ~2-4 minutes on 2 cores
+    python bench/thermostat_probe.py            # ~15 minutes on a busy 2-core machine
     python bench/thermostat_probe.py --quick
 """
 
@@ -87,10 +87,11 @@ def main() -> None:
     ap.add_argument("--shock", type=float, default=30.0)
     ap.add_argument("--shock-at", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="150 steps, shock at 50")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.shock_at = 150, 50
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     print(f"# TinyGPT 3 layers d=96 seq=64 batch=16, AdamW lr={args.lr}, steps={args.steps}, "
           f"stress: lr x{args.shock} from step {args.shock_at}")
     runs = {}
