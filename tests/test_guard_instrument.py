@@ -196,12 +196,29 @@ def test_auto_loss_on_object_with_loss_attribute():
     model = Wrap()
     guard = spectral_guard.instrument(model, ratio=1.0, thresholds=ALWAYS)
     (x, y), = _batches(1)
-    task = copy.deepcopy(model.inner)
-    spectral_guard.remove(task) if hasattr(task, "_spectral_guard") else None
     out = model(x, y)
     assert isinstance(out, Out)
     assert float(out.loss) > float(model.inner.__class__.forward(model.inner, x, y)["loss"])
     assert float(guard.penalty()) == 0.0
+
+    from collections import namedtuple
+
+    Frozen = namedtuple("Frozen", "loss logits")
+
+    class Tup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _small()
+
+        def forward(self, x, y):
+            o = self.inner(x, y)
+            return Frozen(o["loss"], o["logits"])
+
+    tup = Tup()
+    g_tup = spectral_guard.instrument(tup, ratio=1.0, thresholds=ALWAYS)
+    out = tup(x, y)
+    assert isinstance(out, Frozen)  # cannot be changed: the terms wait for guard.penalty()
+    assert float(g_tup.penalty().detach()) > 0
 
 
 def test_auto_loss_transformers_model_output():

@@ -313,14 +313,16 @@ class Guard:
             loss = getattr(output, "loss", None)
         if not isinstance(loss, Tensor):
             return None
+        if not isinstance(output, MutableMapping):
+            try:
+                output.loss = loss  # settable? (else the terms stay for guard.penalty())
+            except (AttributeError, TypeError):
+                return None
         new_loss = loss + self._take_pending().to(loss.dtype)
         if isinstance(output, MutableMapping):
             output["loss"] = new_loss
         else:
-            try:
-                output.loss = new_loss
-            except (AttributeError, TypeError):
-                return None
+            output.loss = new_loss
         return output
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
