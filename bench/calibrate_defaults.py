@@ -35,14 +35,17 @@ METRICS = ("stable_rank", "stable_rank_ratio", "effective_rank_ratio", "conditio
 def trained(cache: Path, quick: bool) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     specs = {
-        "mlp": lambda: tm.train_mlp(seed=1, steps=300 if quick else 1500)[0],
+        "mlp": lambda: tm.train_mlp(seed=1, steps=300 if quick else 1500),
         "charlm": lambda: tm.train_char_lm(seed=1, d=192, heads=6, ffn=768, layers=3,
-                                           steps=150 if quick else 600)[0],
+                                           steps=150 if quick else 600),
     }
     for name, fn in specs.items():
         path = cache / f"{name}{'-quick' if quick else ''}.safetensors"
         if not path.exists():
-            save_file(fn(), str(path))
+            state, *score = fn()
+            print(f"trained {name}: " + ("accuracy {:.3f}" if name == "mlp" else
+                                         "held-out loss {:.3f} (uniform {:.3f})").format(*score))
+            save_file(state, str(path))
         out[name] = load_file(str(path))
     return out
 
