@@ -66,7 +66,7 @@ class GuardConfig:
     every: int = 1
     seed: int = 0
     sensors: tuple[str, ...] = ("effective_rank",)
-    biopsy_limit: int = 256
+    biopsy_limit: int = 192
     power_iters: int = 1
     fiedler_rows: int = 64
     thresholds: Thresholds | str | Path | None = None
