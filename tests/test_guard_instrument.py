@@ -176,7 +176,7 @@ def test_auto_loss_dict_and_no_double_counting():
     assert float(g_man.penalty()) == 0.0  # the second call has nothing new
     # no "loss" in the output: the penalty waits for guard.penalty()
     logits_only = model(x)
-    assert "loss" not in logits_only and float(g_auto.penalty()) > 0
+    assert "loss" not in logits_only and float(g_auto.penalty().detach()) > 0
 
 
 def test_auto_loss_on_object_with_loss_attribute():
