@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -281,6 +282,22 @@ _BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
 }
 
 
+_LOCAL = threading.local()
+
+
+def _scratch(dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """A reusable per-thread buffer for the bit patterns of one chunk: allocating (and
+    page-faulting) a fresh 16 MiB tensor per chunk cost about as much as the scan itself."""
+    pool = getattr(_LOCAL, "pool", None)
+    if pool is None:
+        pool = _LOCAL.pool = {}
+    n = math.prod(shape)
+    buf = pool.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = pool[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
 @dataclass
 class _Scan:
     """Running NaN/Inf and all-zero counts over row chunks of one ``rows x cols`` matrix.
@@ -299,7 +316,8 @@ class _Scan:
         if block.dtype not in _BITS:  # float8: small, upcasting is exact
             block = block.to(torch.float32)
         int_dtype, mask, inf_bits = _BITS[block.dtype]
-        bits = block.contiguous().view(int_dtype) & mask
+        bits = torch.bitwise_and(block.contiguous().view(int_dtype), mask,
+                                 out=_scratch(int_dtype, block.shape))
         row_max = bits.amax(1)
         self.dead_rows += int((row_max == 0).sum())
         # all-zero columns: candidates are the zero columns of the first chunk; later chunks
