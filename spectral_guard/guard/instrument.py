@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 import weakref
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -626,6 +627,11 @@ class Guard:
         if missing or extra:
             raise ValueError(f"guard state does not match the guarded layers: missing "
                              f"{sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+        saved = state.get("config", {})
+        now = {"seed": self.config.seed, "ratio": self.config.ratio, "every": self.config.every}
+        if saved and saved != now:
+            warnings.warn(f"guard state saved with {saved}, loaded into a guard with {now}: the "
+                          "schedule will differ from an uninterrupted run", stacklevel=2)
         for name, tensors in state["layers"].items():
             probe = self._by_name[name].probe
             for key, value in tensors.items():
