@@ -64,3 +64,43 @@ def test_healthy_decay_is_geometric_then_zero(sev, base, gain, decay, floor):
         assert lam == pytest.approx(expected, rel=1e-9) or lam == 0.0
     assert lam == 0.0
     assert th.update_lambda(0.0, False, 0.0, base, gain, decay, floor) == 0.0
+
+
+def test_guard_lambda_follows_the_law_across_checks():
+    """In a guard: triggered -> base (1 + gain sev); then healthy checks halve it; between its
+    checks a treated layer still gets its term; every=2 checks on even steps only."""
+    import torch
+    from guard_models import byte_batches, seeded_model, synthetic_text, thresholds
+
+    import spectral_guard
+
+    model = seeded_model(0, n_layers=1, d=32, seq=16)
+    guard = spectral_guard.instrument(model, ratio=0.5, every=2, auto_loss=False,
+                                      thresholds=thresholds(effective_rank_retention_min=2.0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: readings are constant
+    batches = list(byte_batches(synthetic_text(3000), 2, 16, 12))
+    first = guard.sampled_layers(0)[0]
+    layer = guard._by_name[first]
+    W = layer.module.parametrizations.weight.original
+    lams, checks, has_term = [], [], []
+    for step, (x, y) in enumerate(batches):
+        if step == 4:  # from now on the layer reads healthy
+            layer.sensors["effective_rank"] = 0.0
+        model(x, y)
+        pen = guard.penalty()
+        grad = torch.autograd.grad(pen, W, allow_unused=True)[0] if pen.requires_grad else None
+        has_term.append(grad is not None and bool(grad.abs().sum() > 0))
+        row = guard.stats()["layers"][first]
+        lams.append(row["lambda_collapse"])
+        checks.append(row["checks"])
+        opt.step()
+    cfg = guard.config
+    ret = guard.stats()["layers"][first]["sensors"]["effective_rank_retention"]
+    triggered = cfg.base * (1 + cfg.gain * th.floor_severity(ret, 2.0))
+    # checks of this layer happen at steps 0 and 4, 8 (every=2, cycle of 2 checks)
+    assert checks == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert lams[0] == pytest.approx(triggered)
+    assert lams[3] == pytest.approx(triggered)  # held between checks
+    assert lams[4] == pytest.approx(triggered * 0.5)
+    assert lams[8] == pytest.approx(triggered * 0.25)
+    assert all(has_term)  # treated: its term is applied at every step, sampled or not
