@@ -418,3 +418,25 @@ def test_config_validation():
         spectral_guard.instrument(_small(), not_a_field=1)
     cfg = spectral_guard.GuardConfig(actuator="l2")
     assert cfg.base == 1e-4 and spectral_guard.GuardConfig().base == 0.05
+
+
+@pytest.mark.parametrize("sensor,field,value,kind", [
+    ("stable_rank", "stable_rank_retention_min", 2.0, "lambda_collapse"),
+    ("fiedler", "fiedler_max", 0.0, "lambda_collapse"),
+    ("condition_number", "condition_number_growth_max", 0.5, "lambda_conditioning"),
+])
+def test_each_sensor_drives_its_penalty(sensor, field, value, kind):
+    model = _small(n_layers=1)
+    guard = spectral_guard.instrument(model, ratio=1.0, sensors=(sensor,), auto_loss=False,
+                                      thresholds=thresholds(**{field: value}))
+    (x, y), = _batches(1)
+    model(x, y)
+    stats = guard.stats()["layers"]
+    assert all(r["interventions"] == 1 and r[kind] > 0 for r in stats.values())
+    other = "lambda_conditioning" if kind == "lambda_collapse" else "lambda_collapse"
+    assert all(r[other] == 0 for r in stats.values())
+    pen = guard.penalty()
+    assert torch.isfinite(pen) and float(pen.detach()) > 0
+    Ws = [layer.module.parametrizations.weight.original for layer in guard._layers]
+    grads = torch.autograd.grad(pen, Ws, allow_unused=True)
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) >= len(Ws) // 2
