@@ -208,6 +208,13 @@ def main() -> None:
               f"{exact_total:.1f} s for the model ({scope})")
         print(f"reference    : {sum(ref_secs.values()):.1f} s on {len(ref)} matrices; "
               f"{ref_total:.1f} s for the model ({scope})")
+        for label, secs in (("exact", exact_secs), ("reference", ref_secs)):
+            by_shape: dict[str, list[float]] = {}
+            shapes = dict(tinyllama_shapes())
+            for name, sec in secs.items():
+                by_shape.setdefault("x".join(map(str, shapes[name])), []).append(sec)
+            print(f"  {label:9s} seconds per matrix: " + ", ".join(
+                f"{k}: {min(v):.2f}-{max(v):.2f}" for k, v in sorted(by_shape.items())))
         err_sr = err_k = 0.0
         for m in exact_matrices:
             sr, kappa = ref[m.tensor]
