@@ -119,7 +119,7 @@ def test_header_not_an_object(tmp_path):
 
 def test_duplicate_tensor_names(tmp_path):
     e = json.dumps(f32_entry([1], 0))
-    header = ('{"w": %s, "w": %s}' % (e, e)).encode()
+    header = f'{{"w": {e}, "w": {e}}}'.encode()
     p = _write(tmp_path, "h.safetensors", raw_safetensors(header, b"\0" * 4))
     assert "duplicate tensor name 'w'" in _error(p)
 
