@@ -82,13 +82,16 @@ def test_biopsy_shape_rule():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_exact_mode_matches_float64_reference(tmp_path, dtype, small_chunks):
+@pytest.mark.parametrize("wide", [False, True])
+def test_exact_mode_matches_float64_reference(tmp_path, dtype, wide, small_chunks):
     gen = torch.Generator().manual_seed(4)
     W = (torch.randn(90, 70, generator=gen) * torch.logspace(0, -2, 70)).to(dtype)
+    if wide:  # decomposed transposed internally
+        W = W.T.contiguous()
     p = tmp_path / "m.safetensors"
     save_file({"w": W}, str(p))
     m = audit(p, mode="exact", thresholds=OFF).matrices[0]
-    assert m.measured_shape == (90, 70)
+    assert m.measured_shape == tuple(W.shape) and m.shape == tuple(W.shape)
     for key, value in np_metrics(W).items():
         assert getattr(m, key) == pytest.approx(value, rel=1e-4), key
 
@@ -191,6 +194,29 @@ def test_include_exclude_and_determinism(tmp_path):
     c = audit(p, limit=40, seed=2).to_json_dict()["matrices"]
     assert a == b
     assert [m["stable_rank"] for m in a] != [m["stable_rank"] for m in c]
+
+
+@pytest.mark.parametrize("mode", ["biopsy", "exact"])
+def test_progress_and_many_tensors(tmp_path, mode):
+    gen = torch.Generator().manual_seed(5)
+    tensors = {f"layers.{i}.w": torch.randn(40 + i, 30, generator=gen) for i in range(12)}
+    tensors["layers.7.w"] = torch.zeros(47, 30)
+    p = tmp_path / "m.safetensors"
+    save_file(tensors, str(p))
+    calls = []
+    rep = audit(p, mode=mode, limit=16, progress=lambda d, t, n: calls.append((d, t, n)))
+    assert sorted(n for _, _, n in calls) == sorted(tensors)
+    done = [d for d, _, _ in calls]
+    assert done == sorted(done) and done[-1] == calls[-1][1] == sum(
+        t.numel() * 4 for t in tensors.values())
+    assert [m.name for m in rep.matrices][0] == "layers.7.w"
+    assert sorted(m.name for m in rep.matrices) == sorted(tensors)
+    # every matrix measured on its own seeded biopsy, whatever thread handled it
+    for m in rep.matrices[1:]:
+        W = tensors[m.name]
+        rows, cols = audit_mod.audit_biopsy_indices(tuple(W.shape), 16, name_seed(0, m.name))
+        sub = W if mode == "exact" else W[rows][:, cols]
+        assert m.stable_rank == pytest.approx(np_metrics(sub)["stable_rank"], rel=1e-4)
 
 
 def test_bad_options(tmp_path):
