@@ -116,7 +116,7 @@ def reference(folder: Path, names: set[str]) -> tuple[dict[str, tuple[float, flo
 
 def timed_audit(folder: Path, mode: str, include: list[str]) -> tuple[object, dict[str, float]]:
     """Run the audit; per-tensor seconds from the progress callback's timestamps."""
-    from spectral_guard.audit import audit
+    from spectral_guard.auditing import audit
 
     secs: dict[str, float] = {}
     last = [time.perf_counter()]
@@ -138,7 +138,7 @@ def extrapolate(secs: dict[str, float], layers: int) -> float:
 
 def peak_rss_biopsy(folder: Path) -> tuple[float, float]:
     """(seconds, peak RSS in bytes) of a biopsy audit in a fresh child process."""
-    code = ("import sys; from spectral_guard.audit import audit; "
+    code = ("import sys; from spectral_guard.auditing import audit; "
             "r = audit(sys.argv[1], mode='biopsy'); print(len(r.matrices))")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, str(folder)], check=True,

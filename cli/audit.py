@@ -1,4 +1,4 @@
-"""``spectral-guard audit``: thin command over :func:`spectral_guard.audit.audit`.
+"""``spectral-guard audit``: thin command over :func:`spectral_guard.auditing.audit`.
 
 Exit codes: 0 no matrix fails the ``--fail-on`` policy; 1 at least one does; 2 usage or input
 error (one line on stderr, no traceback).
@@ -61,7 +61,7 @@ def audit_command(
     """Audit safetensors checkpoints for rank collapse, ill-conditioning and corruption."""
     from rich.console import Console
 
-    from spectral_guard.audit import audit
+    from spectral_guard.auditing import audit
     from spectral_guard.checkpoint import CheckpointError
     from spectral_guard.report import render_csv, render_json, render_text
     from spectral_guard.thresholds import ThresholdsError

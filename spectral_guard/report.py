@@ -1,4 +1,4 @@
-"""Renderers for an audit :class:`~spectral_guard.audit.Report`: rich table, verdict, JSON, CSV.
+"""Renderers for an audit :class:`~spectral_guard.auditing.Report`: rich table, verdict, JSON, CSV.
 
 Nothing here computes a metric or a status; it only formats what the report holds.
 """
@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from .audit import MatrixResult, Report
+    from .auditing import MatrixResult, Report
 
 STATUS_STYLE = {
     "ok": "green",

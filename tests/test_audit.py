@@ -13,8 +13,8 @@ from audit_fixtures import gaussian_matrices, tiny_models, write_sharded
 from safetensors.torch import save_file
 
 import spectral_guard
-import spectral_guard.audit as audit_mod
-from spectral_guard.audit import audit
+import spectral_guard.auditing as audit_mod
+from spectral_guard.auditing import audit
 from spectral_guard.checkpoint import CheckpointError
 from spectral_guard.estimators import biopsy_indices, name_seed, spectral_metrics
 from spectral_guard.thresholds import Rule, Thresholds, ThresholdsError

@@ -99,7 +99,9 @@ def test_embedding_and_head_names_hit_their_group(name):
                                   "model.layers.11.self_attn.q_proj.weight",
                                   "transformer.h.3.attn.c_attn.weight",
                                   "encoder.layer.2.output.dense.weight",
-                                  "model.layers.5.mlp.gate_proj.weight"])
+                                  "model.layers.5.mlp.gate_proj.weight",
+                                  "model.layers.2.mlp.embedding_gate_proj.weight",
+                                  "blocks.0.score_mlp.weight"])
 def test_other_layers_use_the_default_rule(name):
     t = default_thresholds()
     assert t.group_for(name) is None

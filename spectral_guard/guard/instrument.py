@@ -105,7 +105,6 @@ class GuardProbe(nn.Module):
     def __init__(self, shape: tuple[int, int], seed: int) -> None:
         super().__init__()
         m, n = shape
-        self._guard_ns: list[int] | None = None
         gen = torch.Generator(device="cpu").manual_seed(seed)
         u, v = torch.randn(m, generator=gen), torch.randn(n, generator=gen)
         self.register_buffer("u", u / u.norm(), persistent=False)
@@ -125,10 +124,6 @@ class GuardProbe(nn.Module):
 
     def forward(self, W: Tensor) -> Tensor:
         """Identity: the weight is returned as is (the penalty is a separate loss term)."""
-        ns = self._guard_ns
-        if ns is not None:
-            t0 = time.perf_counter_ns()
-            ns[0] += time.perf_counter_ns() - t0
         return W
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -234,7 +229,6 @@ class Guard:
             layer = _Layer(len(self._layers), name, mod, probe, sensors, rows, cols, owner,
                            list(mod._parameters))
             parametrize.register_parametrization(mod, "weight", probe)
-            probe._guard_ns = self._ns
             layer.handles.append(owner.register_forward_pre_hook(self._make_layer_hook(layer)))
             layer.handles.append(mod.register_state_dict_post_hook(_state_dict_post_hook))
             layer.handles.append(mod.register_load_state_dict_pre_hook(_load_pre_hook))

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import threading
 import time
-import types
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -629,14 +627,3 @@ def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limi
         fail_on=tuple(fail_on), matrices=results, skipped=skipped, filtered_out=filtered_out,
         bytes_read=total, elapsed_s=time.perf_counter() - t0, include=tuple(include),
         exclude=tuple(exclude))
-
-
-class _CallableModule(types.ModuleType):
-    """``spectral_guard.audit`` is both this module and the function: importing the module
-    binds the package attribute ``audit`` to the module, so the module forwards calls."""
-
-    def __call__(self, *args: object, **kwargs: object) -> Report:
-        return audit(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
