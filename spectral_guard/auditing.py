@@ -1,10 +1,11 @@
 """Checkpoint audit: checkpoint -> sensors -> verdict -> :class:`Report` (no printing).
 
-One streaming pass per matrix. Rows are read in chunks of about 16 MiB through ``get_slice``;
-each chunk is scanned once for NaN/Inf and all-zero rows/columns (on the IEEE bit patterns:
+One streaming pass per matrix. Rows are read in chunks of about 16 MiB (zero-copy views of
+the file mapping, :class:`~spectral_guard.checkpoint.TensorStream`); each chunk is scanned
+once for NaN/Inf and all-zero rows/columns (on the IEEE bit patterns:
 ``|x|`` bits ``>= exponent mask`` is non-finite, ``== 0`` is zero), and in biopsy mode the
 seeded sample rows (:func:`audit_biopsy_indices`) are copied out of the same chunk, so the
-checkpoint is read exactly once. The sample's columns are then selected in memory and the
+checkpoint is read exactly once. The sample's columns are selected from those rows and the
 biopsy (at most ``limit x 0.75 limit``) is decomposed. Exact mode reads the whole tensor
 and decomposes it (float32, or float64 for F64 storage).
 
@@ -319,13 +320,16 @@ class _Scan:
                                  out=_scratch(int_dtype, block.shape))
         row_max = bits.amax(1)
         self.dead_rows += int((row_max == 0).sum())
-        # all-zero columns: candidates are the zero columns of the first chunk; later chunks
-        # only look at the surviving candidates (usually none), not at every column
+        # all-zero columns: candidates are the zero entries of the matrix's first row (an
+        # all-zero column is zero there too); every chunk then looks at the surviving
+        # candidates only (usually none), not at every column: a full column reduction of
+        # each tensor's first chunk cost about as much as the row reduction
         cand = self.dead_col_candidates
         if cand is None:
-            self.dead_col_candidates = torch.nonzero(bits.amax(0) == 0).flatten()
-        elif cand.numel():
-            self.dead_col_candidates = cand[bits.index_select(1, cand).amax(0) == 0]
+            cand = torch.nonzero(bits[0] == 0).flatten()
+        if cand.numel():
+            cand = cand[bits.index_select(1, cand).amax(0) == 0]
+        self.dead_col_candidates = cand
         if bool((row_max >= inf_bits).any()):
             self.nan += int(torch.isnan(block).sum())
             self.inf += int(torch.isinf(block).sum())
@@ -354,22 +358,18 @@ def _measure(stream: TensorStream, plan: _Plan, lead: tuple[int, ...], mode: str
         scan.update(block)
         if mode == "exact" or rows_idx is None:
             kept.append(block)
-        else:
+        else:  # the biopsy's cells of this chunk: its rows, then its columns (small copies)
             lo = int(torch.searchsorted(rows_idx, start))
             hi = int(torch.searchsorted(rows_idx, start + block.shape[0]))
             if hi > lo:
-                kept.append(block.index_select(0, rows_idx[lo:hi] - start))
+                rows = block.index_select(0, rows_idx[lo:hi] - start)
+                kept.append(rows if cols_idx is None else rows.index_select(1, cols_idx))
     matrix = kept[0] if len(kept) == 1 else torch.cat(kept)
-    if mode == "exact":
-        sub = matrix
-        if rows_idx is not None:
-            sub = sub.index_select(0, rows_idx)
-    else:
-        sub = matrix
+    if mode != "exact" or rows_idx is None:  # the biopsy, or a small matrix measured whole
+        return _Measured(scan, matrix, matrix)
+    sub = matrix.index_select(0, rows_idx)
     if cols_idx is not None:
         sub = sub.index_select(1, cols_idx)
-    if mode != "exact":
-        matrix = sub
     return _Measured(scan, matrix, sub)
 
 

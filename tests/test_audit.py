@@ -366,3 +366,20 @@ def test_random_init_layers_are_not_flagged(tmp_path):
     for mode in ("biopsy", "exact"):
         rep = audit(p, mode=mode, limit=256)
         assert {m.name: m.reasons for m in rep.matrices if m.status != "ok"} == {}
+
+
+@pytest.mark.parametrize("mode", ["biopsy", "exact"])
+def test_dead_columns_zero_in_first_row_only(tmp_path, mode, small_chunks):
+    # dead-column candidates start from the first row's zeros: columns that are zero there
+    # (and in the first chunks) but not further down must not be counted
+    gen = torch.Generator().manual_seed(6)
+    W = torch.randn(40, 24, generator=gen)
+    W[:30, :10] = 0.0  # zero in the first chunks only
+    W[0, 10:14] = -0.0
+    W[:, [3, 17]] = 0.0  # dead
+    W[5, 17] = -0.0
+    p = tmp_path / "m.safetensors"
+    save_file({"w": W.to(torch.bfloat16)}, str(p))
+    m = audit(p, mode=mode, limit=16, thresholds=OFF).matrices[0]
+    assert m.dead_cols == 2
+    assert m.dead_rows == 0

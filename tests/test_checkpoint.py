@@ -234,3 +234,19 @@ def test_row_chunks_cover_matrix_exactly(tmp_path, dtype):
     with TensorStream(info["e"]) as s:
         got = torch.cat([b for _, b in iter_row_chunks(s, (1,), 9, 10, chunk=4)])
     assert torch.equal(got, E[1])
+
+
+def test_stream_reads_views_of_the_mapping_even_unaligned(tmp_path):
+    # a hand-written file whose F32 tensor starts at an odd byte offset (save_file aligns)
+    W = torch.arange(30, dtype=torch.float32).reshape(6, 5)
+    header = json.dumps({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                         "w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [1, 121]}})
+    raw = header.encode()
+    p = tmp_path / "odd.safetensors"
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x07" + W.numpy().tobytes())
+    info = {t.name: t for t in read_header(p).tensors}["w"]
+    with TensorStream(info) as s:
+        parts = list(iter_row_chunks(s, (), 6, 5, chunk=4))
+    assert torch.equal(torch.cat([b for _, b in parts]), W)
+    # zero-copy: both chunks are views of one mapping
+    assert parts[0][1].untyped_storage().data_ptr() == parts[1][1].untyped_storage().data_ptr()
