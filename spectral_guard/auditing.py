@@ -198,8 +198,9 @@ class Report:
             return head + body + f" HEALTHY: no finding fails the policy " \
                                  f"({', '.join(self.fail_on) or 'none'})."
         names = ", ".join(m.name for m in failing[:5]) + (", ..." if len(failing) > 5 else "")
-        return (head + body + f" FAIL: {len(failing)} matri{'x' if len(failing) == 1 else 'ces'}"
-                f" fail the policy ({', '.join(self.fail_on)}): {names}.")
+        one = len(failing) == 1
+        return (head + body + f" FAIL: {len(failing)} matri{'x' if one else 'ces'}"
+                f" fail{'s' if one else ''} the policy ({', '.join(self.fail_on)}): {names}.")
 
     def to_json_dict(self) -> dict:
         """The documented JSON report (schema ``SCHEMA_VERSION``); contains no NaN/Inf."""
