@@ -16,7 +16,7 @@ shared); the ratio uses the median of each (the best of each is printed too). ``
 ``reference`` run on ``--layers K`` blocks plus the embedding and the head, alternating tensor
 by tensor so both see the same load; per-tensor times are measured and the 22-block totals are
 extrapolated as ``t(embed) + t(head) + 22 / K * t(K blocks)`` (exact when K = 22).
-The peak RSS of a biopsy audit is measured in a fresh child process (``ru_maxrss``).
+The peak RSS of a biopsy audit is measured in a fresh child process (its own ``VmHWM``).
 The last line prints the ratios against the goals.
 
     python bench/audit.py [--layers 4] [--repeat 2] [--dir DIR [--keep]]
@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -139,13 +138,18 @@ def extrapolate(secs: dict[str, float], layers: int) -> float:
 
 def peak_rss_biopsy(folder: Path) -> tuple[float, float]:
     """(seconds, peak RSS in bytes) of a biopsy audit in a fresh child process."""
+    # The child reports its own VmHWM (the high-water mark of its address space since exec).
+    # ru_maxrss is not used: it also counts the parent's pages the child shared between fork
+    # and exec, so a parent that just generated the checkpoint reported ~3.4 GB.
     code = ("import sys; from spectral_guard.auditing import audit; "
-            "r = audit(sys.argv[1], mode='biopsy'); print(len(r.matrices))")
+            "audit(sys.argv[1], mode='biopsy'); "
+            "print([ln.split()[1] for ln in open('/proc/self/status') "
+            "if ln.startswith('VmHWM:')][0])")
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(folder)], check=True,
-                   stdout=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], check=True,
+                         capture_output=True, text=True).stdout
     dt = time.perf_counter() - t0
-    return dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024.0
+    return dt, float(out.split()[-1]) * 1024.0
 
 
 def main() -> None:
@@ -173,7 +177,7 @@ def main() -> None:
             print(f"wrote {len(shard_files(folder))} shards, {total / 1e9:.2f} GB of bf16 "
                   f"in {time.perf_counter() - t0:.1f} s: {folder}")
 
-        rss_secs, rss = peak_rss_biopsy(folder)  # first child: ru_maxrss is its own
+        rss_secs, rss = peak_rss_biopsy(folder)
         print(f"biopsy audit in a child process: {rss_secs:.2f} s (incl. start-up), "
               f"peak RSS {rss / 1e9:.3f} GB")
 
