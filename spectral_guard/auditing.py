@@ -29,9 +29,8 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,7 +48,14 @@ from .checkpoint import (
     natural_key,
     open_checkpoint,
 )
-from .estimators import biopsy_indices, name_seed, spectral_metrics, spectral_metrics_batched
+from .estimators import (
+    biopsy_indices,
+    gram_singular_values,
+    intra_op_threads,
+    name_seed,
+    spectral_metrics,
+    spectral_metrics_batched,
+)
 from .sensors import (
     SpectralMetrics,
     as_compute_tensor,
@@ -430,19 +436,6 @@ def _fill(result: MatrixResult, scan: _Scan, metrics: SpectralMetrics | None,
     result.status, result.reasons = judge(obs, thresholds.rule_for(result.name))
 
 
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` intra-op threads (``None``: unchanged), then restore."""
-    before = torch.get_num_threads()
-    if n is not None and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
 SMALL_SVD = 1024
 """Biopsy mode decomposes matrices with both sides ``<= SMALL_SVD`` through the float64 Gram
 matrix, on one thread: LAPACK threading gains nothing at biopsy sizes and, on a machine whose
@@ -461,9 +454,7 @@ def _singular_values(M: torch.Tensor) -> torch.Tensor:
     if M.dtype == torch.float64 or max(M.shape) > SMALL_SVD:
         return torch.linalg.svdvals(M.to(torch.float64 if M.dtype == torch.float64
                                          else torch.float32))
-    X = M.to(torch.float64)
-    G = X.T @ X if X.shape[0] >= X.shape[1] else X @ X.T
-    return torch.linalg.eigvalsh(G).flip(0).clamp_min(0).sqrt()
+    return gram_singular_values(M, torch.float64)
 
 
 BIOPSY_WORKERS = 2
@@ -498,7 +489,7 @@ def _finish_tensor(results: list[MatrixResult], measured: list[_Measured], mode:
                    thresholds: Thresholds) -> list[MatrixResult]:
     """Decompose the measured matrices, then judge them."""
     small = max(measured[0].matrix.shape) <= SMALL_SVD
-    with _threads(1 if small else None):
+    with intra_op_threads(1 if small else None):
         return _decompose_and_judge(results, measured, mode, thresholds)
 
 
@@ -603,7 +594,7 @@ def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limi
         # tensors are audited by BIOPSY_WORKERS threads, each single-threaded (read + scan,
         # then decompose; torch releases the GIL); results are collected in order and at most
         # 2 * BIOPSY_WORKERS tensors are in flight, so memory stays at a few chunks + biopsies
-        with _threads(1), ThreadPoolExecutor(max_workers=BIOPSY_WORKERS) as pool:
+        with intra_op_threads(1), ThreadPoolExecutor(max_workers=BIOPSY_WORKERS) as pool:
             pending: deque = deque()
             for plan in plans:
                 pending.append((plan, pool.submit(_audit_tensor, plan, mode, int(limit),

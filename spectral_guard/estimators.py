@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +42,38 @@ def name_seed(seed: int, name: str) -> int:
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then restore.
+
+    Biopsy-size linear algebra gains nothing from threads, and on a busy CPU the OpenMP team of
+    one small LAPACK call can wait hundreds of ms for cores (measured on a loaded 2-core
+    machine: a 256 x 256 SVD took 900 ms with 2 threads and 3 ms with 1).
+    """
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def gram_singular_values(M: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Descending singular values as ``sqrt(eig(G))`` of the smaller Gram matrix.
+
+    ``G = M^T M`` (or ``M M^T`` when ``M`` is wide), in ``dtype`` (default: ``M``'s). One
+    symmetric eigendecomposition of size ``min(m, n)``: 1.5-5x cheaper than ``svdvals`` at
+    biopsy sizes on CPU. The relative error of ``s_i`` is about ``eps * (s_1 / s_i)^2``
+    (``eps`` of ``dtype``): fine for stable and effective rank; in float32 it does not resolve
+    condition numbers above ~1e3 (use ``svdvals`` or float64 for those).
+    """
+    X = M if dtype is None else M.to(dtype)
+    G = X.mT @ X if X.shape[-2] >= X.shape[-1] else X @ X.mT
+    return torch.linalg.eigvalsh(G).flip(-1).clamp_min(0).sqrt()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -409,3 +409,31 @@ def test_batched_singular_values_match_loop():
     assert s.dtype == torch.float32 and s.shape == (6, 30)
     for i in range(6):
         torch.testing.assert_close(s[i], S.singular_values(stack[i]), rtol=1e-5, atol=1e-6)
+
+
+def test_gram_singular_values_match_svd_in_float64():
+    gen = torch.Generator().manual_seed(11)
+    for shape in [(96, 40), (40, 96), (64, 64)]:
+        M = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        exact = torch.linalg.svdvals(M)
+        got = E.gram_singular_values(M)
+        assert got.shape == exact.shape
+        torch.testing.assert_close(got, exact, rtol=1e-10, atol=0.0)
+    # float32 input computed in float64 on request; the input is not modified
+    M32 = torch.randn(50, 30, generator=gen)
+    before = M32.clone()
+    got = E.gram_singular_values(M32, torch.float64)
+    assert got.dtype == torch.float64 and torch.equal(M32, before)
+    torch.testing.assert_close(got, torch.linalg.svdvals(M32.double()), rtol=1e-9, atol=0.0)
+
+
+def test_intra_op_threads_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with E.intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), E.intra_op_threads(1):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with E.intra_op_threads(None):
+        assert torch.get_num_threads() == before

@@ -27,8 +27,7 @@ import re
 import time
 import warnings
 import weakref
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,15 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..estimators import PowerState, biopsy_indices, name_seed, power_iteration, take_biopsy
+from ..estimators import (
+    PowerState,
+    biopsy_indices,
+    gram_singular_values,
+    intra_op_threads,
+    name_seed,
+    power_iteration,
+    take_biopsy,
+)
 from ..sensors import (
     as_compute_tensor,
     condition_number_from_sv,
@@ -71,25 +78,6 @@ STATE_VERSION = 1
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the check's small linear algebra on one intra-op thread.
-
-    A 256 x 256 SVD gains nothing from threads, and on a busy CPU the OpenMP team of a LAPACK
-    call can wait for cores for hundreds of ms (measured: 900 ms with 2 threads vs 3 ms with 1 on
-    a loaded 2-core machine). The thread count is restored on exit.
-    """
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class GuardProbe(nn.Module):
@@ -234,7 +222,7 @@ class Guard:
             layer.handles.append(mod.register_load_state_dict_pre_hook(_load_pre_hook))
             self._layers.append(layer)
             self._by_name[name] = layer
-            with _one_thread():
+            with intra_op_threads(1):
                 self._baseline(layer)
         self._root_handles.append(self.model.register_forward_pre_hook(self._root_pre))
         self._root_handles.append(self.model.register_forward_hook(self._root_post))
@@ -354,7 +342,7 @@ class Guard:
     def _layer_forward(self, layer: _Layer) -> None:
         probe = layer.probe
         if int(probe.counters[_C["prepared_step"]]) != self._step:
-            with torch.no_grad(), _one_thread():
+            with torch.no_grad(), intra_op_threads(1):
                 if layer.index in self._sampled:
                     self._check(layer)
                 else:
@@ -660,18 +648,11 @@ class Guard:
 
 
 def _singular_values(B: Tensor, precise: bool) -> Tensor:
-    """Descending singular values of the biopsy by one decomposition.
-
-    ``precise``: ``svdvals``. Otherwise the eigenvalues of the smaller Gram matrix
-    (``s_i = sqrt(lambda_i(B^T B))``), 2-5x faster on CPU at 256 x 256; relative errors of
-    ``s_i`` are ``~ eps * (s_1 / s_i)^2``, harmless for effective and stable rank, which is all
-    the default sensors read. (Condition numbers above ~1e3 are not resolved this way, so the
-    conditioning sensor always takes the SVD path.)
-    """
-    if precise:
-        return torch.linalg.svdvals(B)
-    G = B.mT @ B if B.shape[-1] <= B.shape[-2] else B @ B.mT
-    return torch.linalg.eigvalsh(G).flip(-1).clamp_min(0).sqrt()
+    """Descending singular values of the biopsy by one decomposition: ``svdvals`` when
+    ``precise`` (the conditioning sensor), else the Gram eigenvalues in B's dtype
+    (:func:`~spectral_guard.estimators.gram_singular_values`), 2-5x faster at 256 x 256 and
+    enough for effective and stable rank, all the default sensors read."""
+    return torch.linalg.svdvals(B) if precise else gram_singular_values(B)
 
 
 def _original(module: nn.Module) -> Tensor:
