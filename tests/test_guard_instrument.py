@@ -440,3 +440,28 @@ def test_each_sensor_drives_its_penalty(sensor, field, value, kind):
     Ws = [layer.module.parametrizations.weight.original for layer in guard._layers]
     grads = torch.autograd.grad(pen, Ws, allow_unused=True)
     assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) >= len(Ws) // 2
+
+
+@pytest.mark.parametrize("sensors,present,absent", [
+    (("effective_rank",), ["erank/erank0"], ["SR/SR0", "kappa/kappa0", "fiedler"]),
+    (("effective_rank", "stable_rank"), ["erank/erank0", "SR/SR0"], ["kappa/kappa0"]),
+])
+def test_report_shows_the_configured_sensors(sensors, present, absent):
+    from rich.console import Console
+
+    th = thresholds(effective_rank_retention_min=0.5, stable_rank_retention_min=0.5)
+    model = _small()
+    guard = spectral_guard.instrument(model, sensors=sensors, thresholds=th, ratio=1.0)
+    (x, y), = _batches(1)
+    model(x, y)
+    console = Console(file=io.StringIO(), width=250)
+    guard.report(console)
+    header = console.file.getvalue().splitlines()[2]
+    for name in present:
+        assert name in header
+    for name in absent:
+        assert name not in header
+    # the reading shown is the layer's effective-rank retention, as stats() holds it
+    row = guard.stats()["layers"]["blocks.0.proj"]
+    line = next(ln for ln in console.file.getvalue().splitlines() if "blocks.0.proj " in ln)
+    assert f"{row['sensors']['effective_rank_retention']:.3g}" in line

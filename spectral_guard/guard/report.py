@@ -5,28 +5,46 @@ from __future__ import annotations
 import math
 from typing import Any
 
+# sensor -> (its reading under stats "sensors", column header); ratios are to the value at
+# instrumentation
+_SENSOR_COLUMNS = {
+    "effective_rank": ("effective_rank_retention", "erank/erank0"),
+    "stable_rank": ("stable_rank_retention", "SR/SR0"),
+    "condition_number": ("condition_growth", "kappa/kappa0"),
+    "fiedler": ("fiedler", "fiedler"),
+}
 
-def _fmt(x: float, spec: str = ".3g") -> str:
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def render_stats(stats: dict[str, Any], console: Any = None) -> None:
-    """Print one row per guarded layer and a totals line."""
+    """Print one row per guarded layer and a totals line.
+
+    Sensor columns are those of the sensors that drive some layer's thermostat (the effective
+    rank alone by default; also shown when no layer has one, e.g. only watched layers).
+    """
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     t = stats["totals"]
+    layers = stats["layers"]
+    active = {sensor for row in layers.values() for sensor in row["thresholds"]}
+    shown = [col for sensor, col in _SENSOR_COLUMNS.items()
+             if sensor in active or (not active and sensor == "effective_rank")]
     table = Table(title=f"spectral_guard: step {t['step']}, {t['layers']} guarded layers")
-    for col in ("layer", "erank ret.", "SR ret.", "kappa growth", "fiedler", "lambda",
-                "checks", "interv.", "last step", "flags"):
-        table.add_column(col, justify="left" if col in ("layer", "flags") else "right")
-    for name, row in stats["layers"].items():
-        s = row["sensors"]
+    table.add_column("layer", no_wrap=True)
+    for _, header in shown:
+        table.add_column(header, justify="right")
+    for header in ("lambda", "checks", "interventions", "last checked"):
+        table.add_column(header, justify="right")
+    table.add_column("flags")
+    for name, row in layers.items():
         flags = "NON-FINITE" if row["nonfinite"] else ("treated" if row["lambda"] > 0 else "")
-        table.add_row(name, _fmt(s["effective_rank_retention"]), _fmt(s["stable_rank_retention"]),
-                      _fmt(s["condition_growth"]), _fmt(s["fiedler"]), _fmt(row["lambda"], ".2e"),
-                      str(row["checks"]), str(row["interventions"]),
+        table.add_row(name, *(_fmt(row["sensors"][key]) for key, _ in shown),
+                      _fmt(row["lambda"]), str(row["checks"]), str(row["interventions"]),
                       str(row["last_checked_step"]), flags)
     console.print(table)
     console.print(f"checks {t['checks']}, interventions {t['interventions']}, treated layers "
