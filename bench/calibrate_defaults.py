@@ -5,7 +5,7 @@ TinyLlama shapes, injects damage into copies, audits everything in exact and bio
 the thresholds switched off, and prints the metric ranges per population, then audits again
 with the shipped defaults and counts false alarms and misses.
 
-    python bench/calibrate_defaults.py [--cache DIR] [--quick] [--limit 256] [--modes biopsy,exact]
+    python bench/calibrate_defaults.py [--cache DIR] [--quick] [--limit 128] [--modes biopsy,exact]
 
 Trained checkpoints are cached in --cache (default: a temp dir) so a rerun skips training.
 """
@@ -83,7 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="short training (smoke run)")
-    ap.add_argument("--limit", type=int, default=256, help="biopsy limit (default 256)")
+    ap.add_argument("--limit", type=int, default=128, help="biopsy limit (default 128)")
     ap.add_argument("--modes", default="biopsy,exact", help="comma-separated modes")
     args = ap.parse_args()
     torch.manual_seed(0)

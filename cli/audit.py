@@ -37,7 +37,7 @@ def audit_command(
                                        help="Checkpoint file(s), index.json or folder(s)."),
     mode: str = typer.Option("biopsy", "--mode", help="biopsy (seeded submatrix) or exact "
                              "(full SVD)."),
-    limit: int = typer.Option(256, "--limit", help="Biopsy size: LIMIT x 0.75 LIMIT for a "
+    limit: int = typer.Option(128, "--limit", help="Biopsy size: LIMIT x 0.75 LIMIT for a "
                               "matrix with a side longer than LIMIT."),
     seed: int = typer.Option(0, "--seed", help="Seed of the biopsy sample."),
     include: list[str] = typer.Option([], "--include", help="Only tensors whose name matches "

@@ -15,13 +15,17 @@ input gets a precise one-line :class:`CheckpointError` instead of a library exce
 
 Tensor data is then read with ``safe_open(path, framework="pt")`` one tensor at a time, in row
 chunks that are views of the file mapping (:func:`iter_row_chunks`), so memory stays near one
-tensor's pages.
+tensor's pages: either one mapping per tensor, or one per file shared through
+:class:`ShardHandles`, with each tensor's pages dropped from it after use.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
+import mmap
 import re
 import struct
 from collections.abc import Iterator, Sequence
@@ -410,12 +414,16 @@ class TensorStream:
     mapped.
     """
 
-    def __init__(self, info: TensorInfo) -> None:
+    def __init__(self, info: TensorInfo, handles: ShardHandles | None = None) -> None:
         self.info = info
+        self._shared = handles
         self._handle = None
         self._tensor: torch.Tensor | None = None
 
     def __enter__(self) -> TensorStream:
+        if self._shared is not None:
+            self._handle = self._shared.get(self.info.file)
+            return self
         from safetensors import safe_open
 
         try:
@@ -425,6 +433,8 @@ class TensorStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._shared is not None and self._tensor is not None:
+            _drop_pages(self._tensor)
         self._tensor = None
         self._handle = None
 
@@ -443,6 +453,65 @@ class TensorStream:
             return self._handle.get_tensor(self.info.name)
         except Exception as exc:
             raise _safetensors_error(self.info.file, exc) from None
+
+
+class ShardHandles:
+    """One ``safe_open`` handle per file, opened on first use and shared by the
+    :class:`TensorStream` objects given it (opening and releasing a mapping per tensor cost
+    about 0.04 s over a 156-tensor checkpoint). A stream using it drops its tensor's pages from
+    the mapping on exit (``madvise(MADV_DONTNEED)``), so the resident set stays near one
+    tensor's pages as with one mapping per tensor; the page cache is untouched."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, object] = {}
+
+    def get(self, file: Path) -> object:
+        handle = self._open.get(file)
+        if handle is None:
+            from safetensors import safe_open
+
+            try:
+                handle = self._open[file] = safe_open(str(file), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise _safetensors_error(file, exc) from None
+        return handle
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def __enter__(self) -> ShardHandles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_LIBC = None
+_PAGE = mmap.PAGESIZE
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """``madvise(MADV_DONTNEED)`` on the whole pages inside a mapped tensor's bytes (Linux;
+    elsewhere a no-op). For a read-only file mapping this only unmaps the pages: a later read
+    faults them back in from the page cache."""
+    global _LIBC
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or t.numel() == 0:
+        return
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()  # the full tensor: contiguous
+    lo = -(-start // _PAGE) * _PAGE
+    hi = end // _PAGE * _PAGE
+    if hi > lo:
+        _LIBC.madvise(lo, hi - lo, advice)
 
 
 def chunk_rows(n_cols: int, itemsize: float, chunk_bytes: int = 16 * 1024 * 1024) -> int:

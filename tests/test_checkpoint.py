@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from spectral_guard.checkpoint import (
     HEADER_LIMIT,
     CheckpointError,
+    ShardHandles,
     TensorStream,
     iter_row_chunks,
     open_checkpoint,
@@ -250,3 +251,21 @@ def test_stream_reads_views_of_the_mapping_even_unaligned(tmp_path):
     assert torch.equal(torch.cat([b for _, b in parts]), W)
     # zero-copy: both chunks are views of one mapping
     assert parts[0][1].untyped_storage().data_ptr() == parts[1][1].untyped_storage().data_ptr()
+
+
+def test_shared_handles_read_every_tensor_and_dropped_pages_read_back(tmp_path):
+    # biopsy mode opens each file once and drops a tensor's pages after its scan: the values
+    # read through the shared handle, and read again after the drop, are the stored ones
+    big = torch.randn(64, 1024)  # 256 KiB: whole pages to drop
+    small = torch.randn(7, 3).to(torch.bfloat16)
+    save_file({"big": big, "small": small}, str(tmp_path / "m.safetensors"))
+    info = {t.name: t for t in read_header(tmp_path / "m.safetensors").tensors}
+    with ShardHandles() as handles:
+        with TensorStream(info["big"], handles) as s:
+            view = torch.cat([b for _, b in iter_row_chunks(s, (), 64, 1024, chunk=10)])
+            kept = s.read((slice(0, 64),))
+        assert torch.equal(view, big)
+        assert torch.equal(kept, big)  # the pages were dropped: this reads them back
+        with TensorStream(info["small"], handles) as s:
+            assert torch.equal(s.read((slice(0, 7),)), small)
+        assert len(handles._open) == 1  # one handle for the file
