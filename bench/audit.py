@@ -17,6 +17,8 @@ shared); the ratio uses the median of each (the best of each is printed too). ``
 by tensor so both see the same load; per-tensor times are measured and the 22-block totals are
 extrapolated as ``t(embed) + t(head) + 22 / K * t(K blocks)`` (exact when K = 22).
 The peak RSS of a biopsy audit is measured in a fresh child process (its own ``VmHWM``).
+``--fresh N`` also times N plain/biopsy pairs, each in its own fresh process (the plain read's
+cost depends on the allocator state the process is in).
 The last line prints the ratios against the goals.
 
     python bench/audit.py [--layers 4] [--repeat 2] [--dir DIR [--keep]]
@@ -152,12 +154,35 @@ def peak_rss_biopsy(folder: Path) -> tuple[float, float]:
     return dt, float(out.split()[-1]) * 1024.0
 
 
+def fresh_process_times(folder: Path, pairs: int) -> tuple[list[float], list[float]]:
+    """Plain read and biopsy audit, each timed in its own fresh process, alternating.
+
+    Each child times its second call (the first pays one-off costs: torch start-up and the
+    allocator's first large allocations), so neither arm inherits the other's allocator state.
+    """
+    code = ("import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[3]); "
+            "import audit as b; arm, folder = sys.argv[1], Path(sys.argv[2]); "
+            "run = (lambda: b.plain_read(folder)) if arm == 'plain' else "
+            "(lambda: b.timed_audit(folder, 'biopsy', [])); run(); "
+            "t0 = time.perf_counter(); run(); print(time.perf_counter() - t0)")
+    times: dict[str, list[float]] = {"plain": [], "biopsy": []}
+    for _ in range(pairs):
+        for arm in ("plain", "biopsy"):
+            out = subprocess.run([sys.executable, "-c", code, arm, str(folder),
+                                  str(Path(__file__).parent)],
+                                 check=True, capture_output=True, text=True).stdout
+            times[arm].append(float(out.split()[-1]))
+    return times["plain"], times["biopsy"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4,
                     help="blocks timed for exact and reference (1..22, default 4)")
     ap.add_argument("--repeat", type=int, default=2,
                     help="plain/biopsy repetitions, interleaved (median used)")
+    ap.add_argument("--fresh", type=int, default=3,
+                    help="plain/biopsy pairs timed in fresh processes (0: skip)")
     ap.add_argument("--shard-mb", type=int, default=1000, help="shard size in MB (default 1000)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
     ap.add_argument("--keep", action="store_true",
@@ -194,6 +219,12 @@ def main() -> None:
               f"s, best {min(biopsy_t):.2f} s (best/best {min(biopsy_t) / min(plain_t):.2f})"
               f", {len(report.matrices)} matrices, {len(report.skipped)} skipped, "
               f"status {dict((k, v) for k, v in report.status_counts().items() if v)}")
+
+        if args.fresh > 0:
+            fp, fb = fresh_process_times(folder, args.fresh)
+            print(f"fresh processes: plain {', '.join(f'{t:.2f}' for t in fp)} s, biopsy "
+                  f"{', '.join(f'{t:.2f}' for t in fb)} s -> ratio of medians "
+                  f"{statistics.median(fb) / statistics.median(fp):.2f}")
 
         # exact audit and reference alternate tensor by tensor, so that both see the same
         # machine load (a shared machine can slow a multi-threaded SVD by 10x for minutes)
