@@ -147,10 +147,6 @@ class Checkpoint:
     def tensors(self) -> list[TensorInfo]:
         return [t for f in self.files for t in f.tensors]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
 
 # ----------------------------------------------------------------------------------------------
 # Header validation
