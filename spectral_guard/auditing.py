@@ -1,5 +1,11 @@
 """Checkpoint audit: checkpoint -> sensors -> verdict -> :class:`Report` (no printing).
 
+Sources: safetensors files (the fast path), PyTorch zip checkpoints
+(:mod:`~spectral_guard.torchfile`), and models or state_dicts in memory
+(:mod:`~spectral_guard.inmemory`); every tensor is streamed the same way. A tensor on an
+accelerator is scanned on its device; only its biopsy (biopsy mode) or its singular values
+(exact mode) come to the CPU.
+
 One streaming pass per matrix. Rows are read in chunks of about 16 MiB (4 MiB in biopsy mode;
 zero-copy views of the file mapping, :class:`~spectral_guard.checkpoint.TensorStream`); each
 chunk is scanned
@@ -29,7 +35,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +56,7 @@ from .checkpoint import (
     open_checkpoint,
 )
 from .estimators import (
+    batched_singular_values,
     biopsy_indices,
     gram_singular_values,
     intra_op_threads,
@@ -57,6 +64,7 @@ from .estimators import (
     spectral_metrics,
     spectral_metrics_batched,
 )
+from .inmemory import open_in_memory
 from .sensors import (
     SpectralMetrics,
     as_compute_tensor,
@@ -192,22 +200,38 @@ class Report:
         n = len(self.matrices)
         counts = self.status_counts()
         found = ", ".join(f"{c} {s}" for s, c in counts.items() if c and s != "ok")
-        head = (f"Audited {n} matri{'x' if n == 1 else 'ces'} from "
-                f"{sum(len(s['files']) for s in self.sources)} file(s) in {self.mode} mode"
+        head = (f"Audited {n} matri{'x' if n == 1 else 'ces'} from {self._origin()} in "
+                f"{self.mode} mode"
                 + (f" (limit {self.limit}, seed {self.seed})" if self.mode == "biopsy" else "")
                 + f"; {len(self.skipped)} tensor(s) skipped.")
+        notes = "".join(f" Note: {n}" for n in self.notes)
         if not found:
             return head + f" All {n} are ok. HEALTHY: nothing fails the policy " \
-                          f"({', '.join(self.fail_on) or 'none'})."
+                          f"({', '.join(self.fail_on) or 'none'})." + notes
         body = f" Findings: {found}; {counts['ok']} ok."
         failing = self.failing
         if not failing:
             return head + body + f" HEALTHY: no finding fails the policy " \
-                                 f"({', '.join(self.fail_on) or 'none'})."
+                                 f"({', '.join(self.fail_on) or 'none'})." + notes
         names = ", ".join(m.name for m in failing[:5]) + (", ..." if len(failing) > 5 else "")
         one = len(failing) == 1
         return (head + body + f" FAIL: {len(failing)} matri{'x' if one else 'ces'}"
-                f" fail{'s' if one else ''} the policy ({', '.join(self.fail_on)}): {names}.")
+                f" fail{'s' if one else ''} the policy ({', '.join(self.fail_on)}): {names}."
+                + notes)
+
+    def _origin(self) -> str:
+        """``3 file(s)``, ``model <Net>`` or ``a state_dict`` (what the sources were)."""
+        parts = [f"model {s['path'][len('<model '):-1]}" if s["kind"] == "model"
+                 else "a state_dict" for s in self.sources if s["kind"] in ("model", "state_dict")]
+        files = sum(len(s["files"]) for s in self.sources)
+        if files or not parts:
+            parts.insert(0, f"{files} file(s)")
+        return " and ".join(parts)
+
+    @property
+    def notes(self) -> list[str]:
+        """Sentences the sources added (e.g. which format a mixed folder was read in)."""
+        return [n for s in self.sources for n in s.get("notes", ())]
 
     def to_json_dict(self) -> dict:
         """The documented JSON report (schema ``SCHEMA_VERSION``); contains no NaN/Inf."""
@@ -259,7 +283,11 @@ class _Plan:
 
 def plan_tensor(info: TensorInfo) -> _Plan | str:
     """The matrices a tensor is audited as, or the reason it is skipped (see module doc)."""
-    dt = DTYPES[info.dtype]
+    if info.skip is not None:
+        return info.skip
+    dt = DTYPES.get(info.dtype)
+    if dt is None:
+        return f"dtype {info.dtype}: only real floating-point tensors are audited"
     if dt.kind != "float":
         what = {"int": "integer", "bool": "boolean", "complex": "complex",
                 "packed": "packed low-bit"}[dt.kind]
@@ -293,16 +321,18 @@ _BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
 _LOCAL = threading.local()
 
 
-def _scratch(dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    """A reusable per-thread buffer for the bit patterns of one chunk: allocating (and
-    page-faulting) a fresh 16 MiB tensor per chunk cost about as much as the scan itself."""
+def _scratch(dtype: torch.dtype, shape: torch.Size,
+             device: torch.device | None = None) -> torch.Tensor:
+    """A reusable per-thread buffer (per device) for the bit patterns of one chunk: allocating
+    (and page-faulting) a fresh 16 MiB tensor per chunk cost about as much as the scan itself."""
     pool = getattr(_LOCAL, "pool", None)
     if pool is None:
         pool = _LOCAL.pool = {}
     n = math.prod(shape)
-    buf = pool.get(dtype)
+    key = (dtype, device or torch.device("cpu"))
+    buf = pool.get(key)
     if buf is None or buf.numel() < n:
-        buf = pool[dtype] = torch.empty(n, dtype=dtype)
+        buf = pool[key] = torch.empty(n, dtype=dtype, device=key[1])
     return buf[:n].view(shape)
 
 
@@ -325,7 +355,7 @@ class _Scan:
             block = block.to(torch.float32)
         int_dtype, mask, inf_bits = _BITS[block.dtype]
         bits = torch.bitwise_and(block.contiguous().view(int_dtype), mask,
-                                 out=_scratch(int_dtype, block.shape))
+                                 out=_scratch(int_dtype, block.shape, block.device))
         row_max = bits.amax(1)
         self.dead_rows += int((row_max == 0).sum())
         # all-zero columns: candidates are the zero entries of the matrix's first row (an
@@ -370,7 +400,12 @@ def _measure(stream: TensorStream, plan: _Plan, lead: tuple[int, ...], mode: str
     scan = _Scan(plan.cols)
     kept: list[torch.Tensor] = []
     chunk = chunk_rows(plan.cols, itemsize, BIOPSY_CHUNK if mode == "biopsy" else EXACT_CHUNK)
+    device: torch.device | None = None
+    dev_cols: torch.Tensor | None = None
     for start, block in iter_row_chunks(stream, lead, plan.rows, plan.cols, chunk):
+        if device is None:  # the tensor's device: indices go there, only the biopsy leaves it
+            device = block.device
+            dev_cols = None if cols_idx is None else cols_idx.to(device)
         scan.update(block)
         if mode == "exact" or rows_idx is None:
             kept.append(block)
@@ -378,15 +413,16 @@ def _measure(stream: TensorStream, plan: _Plan, lead: tuple[int, ...], mode: str
             lo = int(torch.searchsorted(rows_idx, start))
             hi = int(torch.searchsorted(rows_idx, start + block.shape[0]))
             if hi > lo:
-                rows = block.index_select(0, rows_idx[lo:hi] - start)
-                kept.append(rows if cols_idx is None else rows.index_select(1, cols_idx))
+                rows = block.index_select(0, (rows_idx[lo:hi] - start).to(device))
+                kept.append(rows if dev_cols is None else rows.index_select(1, dev_cols))
     matrix = kept[0] if len(kept) == 1 else torch.cat(kept)
     if mode != "exact" or rows_idx is None:  # the biopsy, or a small matrix measured whole
-        return _Measured(scan, matrix, matrix)
-    sub = matrix.index_select(0, rows_idx)
+        matrix = matrix.cpu() if mode != "exact" else matrix
+        return _Measured(scan, matrix, matrix.cpu())
+    sub = matrix.index_select(0, rows_idx.to(matrix.device))
     if cols_idx is not None:
-        sub = sub.index_select(1, cols_idx)
-    return _Measured(scan, matrix, sub)
+        sub = sub.index_select(1, cols_idx.to(matrix.device))
+    return _Measured(scan, matrix, sub.cpu())
 
 
 BIOPSY_ASPECT = 0.75
@@ -501,11 +537,26 @@ def _finish_tensor(results: list[MatrixResult], measured: list[_Measured], mode:
         return _decompose_and_judge(results, measured, mode, thresholds)
 
 
+def accelerator_metrics(M: torch.Tensor) -> list[SpectralMetrics]:
+    """Exact metrics of a finite ``(m, n)`` matrix or ``(b, m, n)`` stack: the SVD runs where
+    the tensor is (an accelerator) and only the singular values come to the CPU; the rest is
+    :func:`~spectral_guard.sensors.metrics_from_singular_values`, as on the CPU path."""
+    s = batched_singular_values(M).cpu()
+    shape = (int(M.shape[-2]), int(M.shape[-1]))
+    rtol = rank_rtol(shape, M.dtype)
+    return [metrics_from_singular_values(si, shape, rtol, alpha=True)
+            for si in s.reshape(-1, s.shape[-1])]
+
+
 def _decompose_and_judge(results: list[MatrixResult], measured: list[_Measured], mode: str,
                          thresholds: Thresholds) -> list[MatrixResult]:
     finite = [i for i, m in enumerate(measured) if m.scan.nan + m.scan.inf == 0]
     metrics: list[SpectralMetrics | None] = [None] * len(measured)
-    if mode == "biopsy" and len(measured) == 1 and finite:
+    if finite and measured[0].matrix.device.type != "cpu":  # exact mode on an accelerator
+        stack = torch.stack([measured[i].matrix for i in finite])
+        for i, met in zip(finite, accelerator_metrics(stack), strict=True):
+            metrics[i] = met
+    elif mode == "biopsy" and len(measured) == 1 and finite:
         M = measured[0].matrix
         rtol = rank_rtol(tuple(M.shape), M.dtype)
         metrics[0] = metrics_from_singular_values(_singular_values(as_compute_tensor(M)),
@@ -544,20 +595,26 @@ def _compile(patterns: Sequence[str], flag: str) -> list[re.Pattern]:
     return out
 
 
-def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limit: int = 128,
+def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *,
+          mode: str = "biopsy", limit: int = 128,
           seed: int = 0, include: Sequence[str] = (), exclude: Sequence[str] = (),
           thresholds: Thresholds | str | Path | None = None,
           fail_on: Sequence[str] = DEFAULT_FAIL_ON,
-          progress: Progress | None = None) -> Report:
-    """Audit every matrix of one or more safetensors checkpoints.
+          progress: Progress | None = None, dtensor: str = "full") -> Report:
+    """Audit every matrix of one or more checkpoints, or of a model or state_dict in memory.
 
-    ``path``: a ``.safetensors`` file, a ``*.safetensors.index.json``, a folder holding either,
-    or a list of those. ``mode``: ``"biopsy"`` (seeded ``<= limit x limit`` submatrix per
+    ``path``: a ``.safetensors`` file, a PyTorch checkpoint (``.pt``/``.bin``/``.pth``/
+    ``.ckpt``), a ``*.safetensors.index.json`` or ``pytorch_model.bin.index.json``, a folder
+    holding any of these (safetensors preferred), or a list of those; or an ``nn.Module`` (its
+    ``named_parameters``, tied weights once) or a mapping of names to tensors, on any device.
+    ``mode``: ``"biopsy"`` (seeded ``<= limit x limit`` submatrix per
     matrix) or ``"exact"`` (full SVD). ``include``/``exclude``: regexes searched in tensor names.
     ``thresholds``: a :class:`Thresholds`, a thresholds file, or ``None`` for the shipped
-    defaults. Raises :class:`~spectral_guard.checkpoint.CheckpointError` for unreadable input,
-    :class:`~spectral_guard.thresholds.ThresholdsError` for a bad thresholds file and
-    ``ValueError`` for bad options (all with one-line messages).
+    defaults. ``dtensor``: for DTensor/FSDP2 parameters, ``"full"`` (gather each tensor; a
+    collective, so call it on every rank) or ``"local"`` (this rank's shards); see
+    :mod:`spectral_guard.inmemory`. Raises :class:`~spectral_guard.checkpoint.CheckpointError`
+    for unreadable input, :class:`~spectral_guard.thresholds.ThresholdsError` for a bad
+    thresholds file and ``ValueError`` for bad options (all with one-line messages).
     """
     if mode not in ("biopsy", "exact"):
         raise ValueError(f"unknown mode {mode!r}: use 'biopsy' or 'exact'")
@@ -573,8 +630,22 @@ def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limi
     else:
         th = load_thresholds(thresholds)
         th_source = "default" if thresholds is None else str(thresholds)
+    if dtensor not in ("full", "local"):
+        raise ValueError(f"dtensor={dtensor!r}: use 'full' or 'local'")
     t0 = time.perf_counter()
-    ckpt: Checkpoint = open_checkpoint(path)
+    with torch.no_grad():
+        ckpt: Checkpoint = (open_in_memory(path, dtensor)
+                            if isinstance(path, (torch.nn.Module, Mapping))
+                            else open_checkpoint(path))
+        return _audit_checkpoint(ckpt, mode, int(limit), int(seed), inc, exc, th, th_source,
+                                 tuple(fail_on), progress, t0, tuple(include), tuple(exclude))
+
+
+def _audit_checkpoint(ckpt: Checkpoint, mode: str, limit: int, seed: int,
+                      inc: list[re.Pattern], exc: list[re.Pattern], th: Thresholds,
+                      th_source: str, fail_on: tuple[str, ...], progress: Progress | None,
+                      t0: float, include: tuple[str, ...], exclude: tuple[str, ...]) -> Report:
+    """The audit of validated sources (see :func:`audit`)."""
     tensors = ckpt.tensors
     selected = [t for t in tensors
                 if (not inc or any(p.search(t.name) for p in inc))
@@ -608,8 +679,7 @@ def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limi
         with ShardHandles() as handles, ThreadPoolExecutor(BIOPSY_WORKERS) as pool:
             while todo:
                 batch, todo = todo[:BIOPSY_BATCH], todo[BIOPSY_BATCH:]
-                reads = [_read_tensor(p, mode, int(limit), int(seed), th, handles)
-                         for p in batch]
+                reads = [_read_tensor(p, mode, limit, seed, th, handles) for p in batch]
                 with intra_op_threads(1):
                     finished = list(pool.map(lambda r: _finish_tensor(*r, mode, th), reads))
                 for plan, res in zip(batch, finished, strict=True):
@@ -619,7 +689,7 @@ def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limi
                         progress(done, total, plan.info.name)
     else:
         for plan in plans:
-            read = _read_tensor(plan, mode, int(limit), int(seed), th)
+            read = _read_tensor(plan, mode, limit, seed, th)
             results.extend(_finish_tensor(*read, mode, th))
             done += plan.info.nbytes
             if progress is not None:
@@ -627,7 +697,7 @@ def audit(path: str | Path | Sequence[str | Path], *, mode: str = "biopsy", limi
     results.sort(key=_sort_key)
     return Report(
         sources=[s.to_json_dict() for s in ckpt.sources], thresholds=th,
-        thresholds_source=th_source, mode=mode, limit=int(limit), seed=int(seed),
-        fail_on=tuple(fail_on), matrices=results, skipped=skipped, filtered_out=filtered_out,
-        bytes_read=total, elapsed_s=time.perf_counter() - t0, include=tuple(include),
-        exclude=tuple(exclude))
+        thresholds_source=th_source, mode=mode, limit=limit, seed=seed,
+        fail_on=fail_on, matrices=results, skipped=skipped, filtered_out=filtered_out,
+        bytes_read=total, elapsed_s=time.perf_counter() - t0, include=include,
+        exclude=exclude)

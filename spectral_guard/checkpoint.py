@@ -1,4 +1,11 @@
-"""Reading safetensors checkpoints: finding files, validating headers, streaming tensor rows.
+"""Reading checkpoints: finding files, validating headers, streaming tensor rows.
+
+Safetensors is the fast path and the format this module validates byte by byte. PyTorch zip
+checkpoints (``.pt``/``.bin``/``.pth``/``.ckpt``, sharded ``pytorch_model.bin.index.json``) are
+loaded by :mod:`spectral_guard.torchfile`, and models or state_dicts already in memory are
+described by :mod:`spectral_guard.inmemory`; both hand back :class:`TensorCollection` objects
+whose :class:`TensorInfo` entries carry a ``load`` function, so the audit streams every source
+the same way (:class:`TensorStream`).
 
 Every input is checked with plain file I/O *before* ``safe_open`` sees it, so each kind of bad
 input gets a precise one-line :class:`CheckpointError` instead of a library exception:
@@ -17,6 +24,9 @@ Tensor data is then read with ``safe_open(path, framework="pt")`` one tensor at 
 chunks that are views of the file mapping (:func:`iter_row_chunks`), so memory stays near one
 tensor's pages: either one mapping per tensor, or one per file shared through
 :class:`ShardHandles`, with each tensor's pages dropped from it after use.
+
+Folders: a safetensors checkpoint (index, or ``*.safetensors`` files) is preferred over PyTorch
+files in the same folder, and the :class:`Source` says so in its ``notes``.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -41,6 +51,9 @@ INDEX_LIMIT = 10 * 1024 * 1024
 """Largest ``index.json`` accepted (the limit huggingface_hub uses)."""
 
 INDEX_SUFFIX = ".safetensors.index.json"
+TORCH_INDEX_SUFFIX = ".bin.index.json"
+TORCH_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
+"""File extensions read as PyTorch (``torch.save``) checkpoints."""
 
 
 class CheckpointError(ValueError):
@@ -87,9 +100,22 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
 )}
 
 
+TORCH_TO_DTYPE: dict[torch.dtype, str] = {
+    d.torch_dtype: d.name for d in DTYPES.values() if d.torch_dtype is not None}
+"""The safetensors dtype name of a torch dtype (reports use these names for every source)."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor entry of a validated header (offsets relative to the data buffer)."""
+    """One tensor to audit.
+
+    From a safetensors header: offsets relative to the data buffer. From any other source
+    (a PyTorch file, a model, a state_dict): ``load()`` returns the tensor, ``begin`` is 0 and
+    ``end`` its size in bytes; ``mapped`` marks a view of a file mapping this package opened
+    (its pages are dropped from the resident set after the scan; never set for memory a caller
+    owns); ``skip`` is a reason, decided when the source was read, not to audit it (a tied
+    duplicate, a meta tensor, an entry that is not a tensor).
+    """
 
     name: str
     dtype: str
@@ -97,6 +123,9 @@ class TensorInfo:
     begin: int
     end: int
     file: Path
+    load: Callable[[], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    mapped: bool = False
+    skip: str | None = None
 
     @property
     def numel(self) -> int:
@@ -122,18 +151,51 @@ class SafetensorsFile:
 
 
 @dataclass(frozen=True)
-class Source:
-    """One PATH argument as resolved: a single file, or an index and its shards."""
+class TensorCollection:
+    """Tensors that do not come from a safetensors header: one PyTorch file (``format``
+    ``"pytorch"``) or a model/state_dict in memory (``"memory"``, ``path`` is a label such as
+    ``<model GPT2>``). ``size`` is the file's size, or the bytes of the distinct tensors."""
 
     path: Path
-    kind: str  # "file" or "index"
-    files: tuple[SafetensorsFile, ...]
+    tensors: tuple[TensorInfo, ...]
+    size: int
+    format: str
+    state_dict_key: str | None = None
+
+
+def file_format(f: SafetensorsFile | TensorCollection) -> str:
+    """``"safetensors"``, ``"pytorch"`` or ``"memory"``."""
+    return f.format if isinstance(f, TensorCollection) else "safetensors"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One PATH argument (or in-memory object) as resolved: a single file, an index and its
+    shards, a folder's files, or a model/state_dict (``kind`` ``"model"``/``"state_dict"``).
+    ``notes`` are sentences for the report (e.g. which format a mixed folder was read in)."""
+
+    path: Path
+    kind: str  # "file", "index", "folder", "model" or "state_dict"
+    files: tuple[SafetensorsFile | TensorCollection, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.kind in ("model", "state_dict")
 
     def to_json_dict(self) -> dict:
-        return {"path": str(self.path), "kind": self.kind,
-                "files": [str(f.path) for f in self.files],
-                "tensors": sum(len(f.tensors) for f in self.files),
-                "bytes": sum(f.size for f in self.files)}
+        formats = sorted({file_format(f) for f in self.files})
+        out = {"path": str(self.path), "kind": self.kind,
+               "files": [] if self.in_memory else [str(f.path) for f in self.files],
+               "tensors": sum(len(f.tensors) for f in self.files),
+               "bytes": sum(f.size for f in self.files),
+               "format": formats[0] if len(formats) == 1 else formats,
+               "notes": list(self.notes)}
+        keys = [f.state_dict_key for f in self.files
+                if isinstance(f, TensorCollection) and f.state_dict_key]
+        if keys:
+            out["state_dict_key"] = keys[0]
+        return out
 
 
 @dataclass(frozen=True)
@@ -141,7 +203,7 @@ class Checkpoint:
     """Everything the PATH arguments name, validated, in reading order."""
 
     sources: tuple[Source, ...]
-    files: tuple[SafetensorsFile, ...] = field(default=())
+    files: tuple[SafetensorsFile | TensorCollection, ...] = field(default=())
 
     @property
     def tensors(self) -> list[TensorInfo]:
@@ -151,17 +213,28 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------------
 # Header validation
 
-_PICKLE_HINT = ("PyTorch pickle checkpoints are not supported: unpickling can execute arbitrary "
-                "code and needs the whole file in memory; convert it to safetensors first "
-                "(safetensors.torch.save_file(torch.load(path, weights_only=True), out))")
+LEGACY_PICKLE = ("a legacy (non-zip) PyTorch pickle, which is not supported: only zip-format "
+                 "files (torch.save since PyTorch 1.6) can be memory-mapped and loaded "
+                 "weights-only; re-save it with a current torch.save")
+
+
+def is_zip(head: bytes) -> bool:
+    """The first bytes of a zip archive (the ``torch.save`` format)."""
+    return head.startswith(b"PK\x03\x04")
+
+
+def is_pickle(head: bytes) -> bool:
+    """The first bytes of a bare pickle (protocol 2-5: a legacy ``torch.save`` file)."""
+    return head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5
 
 
 def _sniff_other_format(head: bytes) -> str | None:
     """A one-line description of a known non-safetensors format, from the first bytes."""
-    if head.startswith(b"PK\x03\x04"):
-        return "a zip archive (torch.save format); " + _PICKLE_HINT
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return "a Python pickle; " + _PICKLE_HINT
+    if is_zip(head):
+        return ("a PyTorch zip checkpoint (torch.save format), not safetensors; audit it as a "
+                ".pt/.bin file or through a pytorch_model.bin.index.json")
+    if is_pickle(head):
+        return LEGACY_PICKLE
     if head.startswith(b"\x93NUMPY"):
         return "a NumPy .npy file, not safetensors"
     if head.startswith(b"\x89HDF"):
@@ -192,13 +265,18 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def read_header(path: str | Path) -> SafetensorsFile:
-    """Read and validate a safetensors file's header (no tensor data is read)."""
-    path = Path(path)
+def require_file(path: Path) -> None:
+    """Raise a one-line :class:`CheckpointError` unless ``path`` is an existing regular file."""
     if not path.exists():
         raise _fail(path, "no such file")
     if not path.is_file():
         raise _fail(path, "not a regular file")
+
+
+def read_header(path: str | Path) -> SafetensorsFile:
+    """Read and validate a safetensors file's header (no tensor data is read)."""
+    path = Path(path)
+    require_file(path)
     try:
         with path.open("rb") as fh:
             size = path.stat().st_size
@@ -296,7 +374,11 @@ def _bad_shard_name(name: str) -> bool:
 
 
 def read_index(path: str | Path) -> Source:
-    """Validate a sharded checkpoint's ``*.safetensors.index.json`` and every shard it names."""
+    """Validate a sharded checkpoint's index and every shard it names.
+
+    ``*.safetensors.index.json`` and ``pytorch_model.bin.index.json`` share one format and the
+    same checks; each shard is read by :func:`read_file` (by its extension).
+    """
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such file")
@@ -329,7 +411,7 @@ def read_index(path: str | Path) -> Source:
             raise _fail(path, f"shard path {shard!r} escapes the checkpoint folder")
         if not shard_path.is_file():
             raise _fail(path, f"index names shard {shard!r}, which does not exist")
-        sf = read_header(shard_path)
+        sf = read_file(shard_path)
         present = {t.name for t in sf.tensors}
         missing = [t for t, s in wmap.items() if s == shard and t not in present]
         if missing:
@@ -339,29 +421,86 @@ def read_index(path: str | Path) -> Source:
     return Source(path, "index", tuple(files))
 
 
-def _resolve_folder(folder: Path) -> Source:
-    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+AUX_TORCH_FILE = re.compile(
+    r"^(training_args\.bin|optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
+"""Files a Hugging Face Trainer writes next to the weights: never taken for the model."""
+
+
+def _one_index(folder: Path, suffix: str, preferred: str) -> Path | None:
+    indexes = sorted(folder.glob("*" + suffix))
     if len(indexes) > 1:
-        preferred = [p for p in indexes if p.name == "model" + INDEX_SUFFIX]
-        if not preferred:
-            names = ", ".join(p.name for p in indexes)
+        indexes = [p for p in indexes if p.name == preferred + suffix]
+        if not indexes:
+            names = ", ".join(p.name for p in sorted(folder.glob("*" + suffix)))
             raise _fail(folder, f"several index files ({names}); pass one of them")
-        indexes = preferred
-    if indexes:
-        return read_index(indexes[0])
+    return indexes[0] if indexes else None
+
+
+def _torch_weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix in TORCH_SUFFIXES and p.is_file()
+                  and not AUX_TORCH_FILE.match(p.name))
+
+
+def _resolve_safetensors_folder(folder: Path) -> Source | None:
+    index = _one_index(folder, INDEX_SUFFIX, "model")
+    if index is not None:
+        return read_index(index)
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return Source(folder, "file" if len(files) == 1 else "folder",
                       tuple(read_header(p) for p in files))
-    pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt")
-                     for p in folder.glob(ext))
-    if pickles:
-        raise _fail(folder, f"no safetensors checkpoint, only {pickles[0]}: " + _PICKLE_HINT)
-    raise _fail(folder, "no checkpoint found (no *.safetensors or *" + INDEX_SUFFIX + " file)")
+    return None
+
+
+def _resolve_torch_folder(folder: Path) -> Source | None:
+    index = _one_index(folder, TORCH_INDEX_SUFFIX, "pytorch_model")
+    if index is not None:
+        return read_index(index)
+    files = _torch_weight_files(folder)
+    if (folder / "pytorch_model.bin").is_file():
+        files = [folder / "pytorch_model.bin"]
+    if len(files) > 1:
+        names = ", ".join(p.name for p in files[:4]) + (", ..." if len(files) > 4 else "")
+        raise _fail(folder, f"several PyTorch files and no index ({names}); pass one of them")
+    return Source(folder, "file", (read_file(files[0]),)) if files else None
+
+
+def _resolve_folder(folder: Path) -> Source:
+    """A model folder: safetensors if it holds any (said in the notes when PyTorch weights are
+    there too), else a PyTorch index, ``pytorch_model.bin`` or the one PyTorch file."""
+    source = _resolve_safetensors_folder(folder)
+    if source is not None:
+        other = sorted(p.name for p in folder.glob("*" + TORCH_INDEX_SUFFIX)) or \
+            [p.name for p in _torch_weight_files(folder)]
+        if other:
+            names = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+            note = (f"{folder} holds both safetensors and PyTorch weights ({names}); the "
+                    "safetensors were audited (preferred: no unpickling, zero-copy reads) and "
+                    "the PyTorch files were not read.")
+            source = Source(source.path, source.kind, source.files, (*source.notes, note))
+        return source
+    source = _resolve_torch_folder(folder)
+    if source is not None:
+        return source
+    raise _fail(folder, "no checkpoint found (no *.safetensors, *" + INDEX_SUFFIX + ", *"
+                + TORCH_INDEX_SUFFIX + " or " + "/".join("*" + s for s in TORCH_SUFFIXES)
+                + " file)")
+
+
+def read_file(path: Path) -> SafetensorsFile | TensorCollection:
+    """One checkpoint file: ``.pt``/``.bin``/``.pth``/``.ckpt`` are loaded as PyTorch
+    checkpoints (:func:`spectral_guard.torchfile.load_torch_file`), anything else is read as
+    safetensors (whose validation names a PyTorch file given another extension)."""
+    if path.suffix in TORCH_SUFFIXES:
+        from .torchfile import load_torch_file
+
+        return load_torch_file(path)
+    return read_header(path)
 
 
 def resolve_source(path: str | Path) -> Source:
-    """One PATH argument: a ``.safetensors`` file, an ``index.json``, or a folder of either."""
+    """One PATH argument: a checkpoint file, an ``index.json``, or a folder of either."""
     path = Path(path)
     if not path.exists():
         raise _fail(path, "no such file or directory")
@@ -369,7 +508,7 @@ def resolve_source(path: str | Path) -> Source:
         return _resolve_folder(path)
     if path.name.endswith(".json"):
         return read_index(path)
-    return Source(path, "file", (read_header(path),))
+    return Source(path, "file", (read_file(path),))
 
 
 def open_checkpoint(paths: str | Path | Sequence[str | Path]) -> Checkpoint:
@@ -417,6 +556,8 @@ class TensorStream:
         self._tensor: torch.Tensor | None = None
 
     def __enter__(self) -> TensorStream:
+        if self.info.load is not None:  # a PyTorch file's or an in-memory tensor
+            return self
         if self._shared is not None:
             self._handle = self._shared.get(self.info.file)
             return self
@@ -429,7 +570,10 @@ class TensorStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._shared is not None and self._tensor is not None:
+        # only ever on file mappings this package opened: on a caller's anonymous memory
+        # MADV_DONTNEED would zero the pages
+        mapped = self.info.mapped if self.info.load is not None else self._shared is not None
+        if mapped and self._tensor is not None:
             _drop_pages(self._tensor)
         self._tensor = None
         self._handle = None
@@ -445,6 +589,13 @@ class TensorStream:
             raise _safetensors_error(self.info.file, exc) from None
 
     def full(self) -> torch.Tensor:
+        if self.info.load is not None:
+            try:
+                return self.info.load()
+            except CheckpointError:
+                raise
+            except Exception as exc:  # e.g. a collective that failed for a sharded tensor
+                raise _safetensors_error(self.info.file, exc) from None
         try:
             return self._handle.get_tensor(self.info.name)
         except Exception as exc:
@@ -503,7 +654,9 @@ def _drop_pages(t: torch.Tensor) -> None:
     if not _LIBC:
         return
     start = t.data_ptr()
-    end = start + t.numel() * t.element_size()  # the full tensor: contiguous
+    # the bytes from the first element to the last (a view of a PyTorch file may be strided)
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    end = start + span * t.element_size()
     lo = -(-start // _PAGE) * _PAGE
     hi = end // _PAGE * _PAGE
     if hi > lo:

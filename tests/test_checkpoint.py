@@ -68,21 +68,30 @@ def test_folder_without_checkpoint(tmp_path):
     assert "no checkpoint found" in _error(tmp_path)
 
 
-def test_folder_with_only_pickle_says_not_supported(tmp_path):
+def test_folder_with_only_pytorch_file_is_read(tmp_path):
     torch.save({"w": torch.randn(2, 2)}, tmp_path / "pytorch_model.bin")
-    msg = _error(tmp_path)
-    assert "pytorch_model.bin" in msg and "not supported" in msg and "arbitrary code" in msg
+    torch.save({"args": 1}, tmp_path / "training_args.bin")  # a Trainer's side file: ignored
+    ck = open_checkpoint(tmp_path)
+    assert [t.name for t in ck.tensors] == ["w"]
+    assert ck.sources[0].to_json_dict()["format"] == "pytorch"
+
+
+def test_legacy_pickle_bin_file_is_refused(tmp_path):
+    p = tmp_path / "pytorch_model.bin"
+    p.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    msg = _error(p)
+    assert "legacy (non-zip)" in msg and "not supported" in msg
 
 
 @pytest.mark.parametrize("legacy", [False, True])
-def test_pickle_bin_file_says_not_supported(tmp_path, legacy):
-    p = tmp_path / "pytorch_model.bin"
+def test_pytorch_file_named_safetensors_is_explained(tmp_path, legacy):
+    p = tmp_path / "model.safetensors"
     if legacy:
-        p.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+        torch.save({"w": torch.randn(2, 2)}, p, _use_new_zipfile_serialization=False)
     else:
         torch.save({"w": torch.randn(2, 2)}, p)
     msg = _error(p)
-    assert "not supported" in msg and "pickle" in msg.lower()
+    assert ("legacy (non-zip)" if legacy else "PyTorch zip checkpoint") in msg
 
 
 def test_truncated_file(tmp_path):

@@ -203,10 +203,10 @@ def test_index_with_missing_shard_and_escaping_shard(tmp_path):
     assert_input_error(run(index), "escapes the checkpoint folder")
 
 
-def test_pickle_bin_not_supported(tmp_path):
+def test_legacy_pickle_bin_not_supported(tmp_path):
     p = tmp_path / "pytorch_model.bin"
-    torch.save({"w": torch.randn(3, 3)}, p)
-    assert_input_error(run(p), "not supported")
+    torch.save({"w": torch.randn(3, 3)}, p, _use_new_zipfile_serialization=False)
+    assert_input_error(run(p), "legacy (non-zip)")
 
 
 def test_no_matrices(tmp_path):
