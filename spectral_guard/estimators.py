@@ -76,6 +76,51 @@ def gram_singular_values(M: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return torch.linalg.eigvalsh(G).flip(-1).clamp_min(0).sqrt()
 
 
+@contextmanager
+def no_autocast(device_type: str) -> Iterator[None]:
+    """Run the block with autocast off for ``device_type`` (sensor math ignores the caller's
+    mixed-precision region: a bf16 Gram matrix hides a collapse behind its rounding noise, and
+    CUDA has no bf16/fp16 ``eigvalsh``)."""
+    if device_type in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    else:
+        yield
+
+
+SMALL_GRAM = 1024
+"""Largest side decomposed through the Gram matrix by :func:`singular_values_at`."""
+
+
+def singular_values_at(M: Tensor, precision: torch.dtype = torch.float64,
+                       method: Literal["auto", "gram", "svd"] = "auto") -> Tensor:
+    """Descending singular values of a finite matrix (or a stack), computed in ``precision``.
+
+    The one place where the audit and the guard turn a (biopsy) matrix into singular values.
+    ``M`` is upcast to ``precision`` (never downcast below its storage precision: a float64
+    ``M`` stays float64), outside any autocast region.
+
+    * ``"gram"``: ``sqrt(eig(G))`` of the smaller Gram matrix (:func:`gram_singular_values`);
+      relative error of ``s_i`` about ``eps(precision) (s_1 / s_i)^2``: in float64 below 1e-4
+      until ``s_1 / s_i ~ 1e6``; 1.5-5x cheaper than ``svdvals`` at biopsy sizes on CPU.
+    * ``"svd"``: ``torch.linalg.svdvals`` (relative error ``eps s_1 / s_i``).
+    * ``"auto"``: ``"gram"`` when both sides are ``<= SMALL_GRAM`` and the precision is
+      float64, else ``"svd"``.
+    """
+    if M.dtype == torch.float64:
+        precision = torch.float64
+    if method == "auto":
+        method = "gram" if precision == torch.float64 and max(M.shape[-2:]) <= SMALL_GRAM \
+            else "svd"
+    with no_autocast(M.device.type):
+        X = M.detach().to(precision)
+        if method == "gram":
+            return gram_singular_values(X)
+        if method == "svd":
+            return torch.linalg.svdvals(X)
+    raise ValueError(f"unknown method {method!r}: use 'auto', 'gram' or 'svd'")
+
+
 # ----------------------------------------------------------------------------------------------
 # Biopsy
 

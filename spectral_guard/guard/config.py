@@ -6,26 +6,11 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ..thresholds import Rule, Thresholds, load_thresholds
+from ..thresholds import Thresholds, load_thresholds
+from .sensors import SENSOR_NAMES
 
-SENSORS = ("effective_rank", "stable_rank", "condition_number", "fiedler")
-"""Sensors that can drive the thermostat, each tied to one guard field of the thresholds Rule."""
-
-SENSOR_FIELD = {
-    "effective_rank": "effective_rank_retention_min",
-    "stable_rank": "stable_rank_retention_min",
-    "condition_number": "condition_number_growth_max",
-    "fiedler": "fiedler_max",
-}
-"""Sensor name -> the :class:`~spectral_guard.thresholds.Rule` field holding its threshold."""
-
-SENSOR_KIND = {
-    "effective_rank": "collapse",
-    "stable_rank": "collapse",
-    "fiedler": "collapse",
-    "condition_number": "conditioning",
-}
-"""Which failure a sensor detects, hence which penalty answers it."""
+SENSORS = SENSOR_NAMES
+"""Relative sensors that can drive the thermostat (see :mod:`.sensors`)."""
 
 Actuator = Literal["spectral", "l2"]
 
@@ -46,6 +31,10 @@ class GuardConfig:
       power_iters     warm power-iteration steps per check for ``sigma_max`` and its vectors
       fiedler_rows    rows of the biopsy used by the Fiedler sensor (one extra eigvalsh)
       thresholds      a :class:`Thresholds`, the path of a thresholds file, or ``None`` (defaults)
+      collapse_rule   also apply the thresholds' absolute collapse rule (the audit's stable-rank,
+                      stable-rank-ratio and effective-rank-ratio floors, gated by
+                      ``collapse_min_dim``) on the biopsy: flags layers that are collapsed
+                      already when instrumented, which no retention ratio can see
     Thermostat: ``lambda = lambda_base * (1 + gain * severity)`` when triggered, else
       ``lambda <- decay * lambda`` (0 once below ``lambda_floor * lambda_base``)
       actuator        ``"spectral"`` (failure-specific terms) or ``"l2"`` (``lambda ||W||_F^2``)
@@ -57,6 +46,7 @@ class GuardConfig:
                       (e.g. output heads): sensors and stats, never a penalty
     Integration
       auto_loss       add the pending penalty to ``output.loss`` / ``output["loss"]``
+      history         how many per-layer check records ``guard.history`` keeps (newest)
       step_on         ``"optimizer"``: advance on the step of any optimizer holding a guarded
                       weight (or only the one given to :meth:`Guard.attach`); ``"manual"``:
                       only :meth:`Guard.step` advances
@@ -70,6 +60,7 @@ class GuardConfig:
     power_iters: int = 1
     fiedler_rows: int = 64
     thresholds: Thresholds | str | Path | None = None
+    collapse_rule: bool = True
     actuator: Actuator = "spectral"
     lambda_base: float | None = None
     gain: float = 4.0
@@ -79,6 +70,7 @@ class GuardConfig:
     exclude: tuple[str, ...] = ()
     watch_unguarded: bool = False
     auto_loss: bool = True
+    history: int = 10_000
     step_on: Literal["optimizer", "manual"] = "optimizer"
 
     def __post_init__(self) -> None:
@@ -95,6 +87,8 @@ class GuardConfig:
             raise ValueError(f"step_on must be 'optimizer' or 'manual', got {self.step_on!r}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.history < 0:
+            raise ValueError(f"history must be >= 0, got {self.history}")
         if self.biopsy_limit < 2 or self.power_iters < 1:
             raise ValueError("biopsy_limit must be >= 2 and power_iters >= 1")
         for name in ("sensors", "exclude"):
@@ -135,12 +129,3 @@ class GuardConfig:
             raise TypeError(f"config must be a GuardConfig or a thresholds path, got {config!r}")
         return base.with_overrides(**overrides) if overrides else base
 
-
-def active_sensors(config: GuardConfig, rule: Rule) -> dict[str, float]:
-    """Sensors of ``config`` whose threshold in ``rule`` is set: ``{sensor: threshold}``."""
-    out: dict[str, float] = {}
-    for sensor in config.sensors:
-        value = getattr(rule, SENSOR_FIELD[sensor])
-        if value is not None:
-            out[sensor] = float(value)
-    return out

@@ -5,14 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# sensor -> (its reading under stats "sensors", column header); ratios are to the value at
-# instrumentation
-_SENSOR_COLUMNS = {
-    "effective_rank": ("effective_rank_retention", "erank/erank0"),
-    "stable_rank": ("stable_rank_retention", "SR/SR0"),
-    "condition_number": ("condition_growth", "kappa/kappa0"),
-    "fiedler": ("fiedler", "fiedler"),
-}
+from .sensors import RELATIVE
 
 
 def _fmt(x: float | None, spec: str = ".3g") -> str:
@@ -32,8 +25,8 @@ def render_stats(stats: dict[str, Any], console: Any = None) -> None:
     t = stats["totals"]
     layers = stats["layers"]
     active = {sensor for row in layers.values() for sensor in row["thresholds"]}
-    shown = [col for sensor, col in _SENSOR_COLUMNS.items()
-             if sensor in active or (not active and sensor == "effective_rank")]
+    shown = [(s.reading, s.column) for s in RELATIVE.values()
+             if s.name in active or (not active and s.name == "effective_rank")]
     table = Table(title=f"spectral_guard: step {t['step']}, {t['layers']} guarded layers")
     table.add_column("layer", no_wrap=True)
     for _, header in shown:
@@ -42,7 +35,8 @@ def render_stats(stats: dict[str, Any], console: Any = None) -> None:
         table.add_column(header, justify="right")
     table.add_column("flags")
     for name, row in layers.items():
-        flags = "NON-FINITE" if row["nonfinite"] else ("treated" if row["lambda"] > 0 else "")
+        flags = "NON-FINITE" if row["nonfinite"] else ("treated" if row["lambda"] > 0 else
+                                                         "frozen" if row["frozen"] else "")
         table.add_row(name, *(_fmt(row["sensors"][key]) for key, _ in shown),
                       _fmt(row["lambda"]), str(row["checks"]), str(row["interventions"]),
                       str(row["last_checked_step"]), flags)
