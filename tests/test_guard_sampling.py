@@ -67,17 +67,17 @@ def test_schedule_follows_optimizer_steps_under_accumulation():
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     batches = list(byte_batches(synthetic_text(5000), 2, 16, 12))
     for step in range(3):
+        expected = set(guard.sampled_layers(step))
+        assert len(expected) == math.ceil(0.25 * len(guard.layer_names))
         for micro in range(4):
             x, y = batches[step * 4 + micro]
             (model(x, y)["loss"] / 4).backward()
-        # all micro-batches of this step checked the chunk scheduled for this step, once
-        stats = guard.stats()["layers"]
-        expected = set(guard.sampled_layers(step))
-        assert {n for n, r in stats.items() if r["last_checked_step"] == step} == expected
-        assert len(expected) == math.ceil(0.25 * len(stats))
-        assert guard.global_step == step
+            assert guard.global_step == step  # micro-batches do not move the clock
         opt.step()
         opt.zero_grad()
+        # the chunk scheduled for this step was checked once, and applied at the next step
+        stats = guard.stats()["layers"]
+        assert {n for n, r in stats.items() if r["last_checked_step"] == step} == expected
     assert guard.global_step == 3
     assert sum(r["checks"] for r in guard.stats()["layers"].values()) == 3 * len(expected)
 

@@ -67,8 +67,9 @@ def test_healthy_decay_is_geometric_then_zero(sev, base, gain, decay, floor):
 
 
 def test_guard_lambda_follows_the_law_across_checks():
-    """In a guard: triggered -> base (1 + gain sev); then healthy checks halve it; between its
-    checks a treated layer still gets its term; every=2 checks on even steps only."""
+    """In a guard: a check that fires sets base (1 + gain sev) one step after it was launched;
+    healthy checks halve it; between its checks a treated layer still gets its term; every=2
+    checks on even steps only."""
     import torch
     from guard_models import byte_batches, seeded_model, synthetic_text, thresholds
 
@@ -76,16 +77,21 @@ def test_guard_lambda_follows_the_law_across_checks():
 
     model = seeded_model(0, n_layers=1, d=32, seq=16)
     guard = spectral_guard.instrument(model, ratio=0.5, every=2, auto_loss=False,
-                                      thresholds=thresholds(effective_rank_retention_min=2.0))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: readings are constant
-    batches = list(byte_batches(synthetic_text(3000), 2, 16, 12))
+                                      collapse_rule=False,
+                                      thresholds=thresholds(effective_rank_retention_min=0.9))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed between our edits
+    batches = list(byte_batches(synthetic_text(3000), 2, 16, 14))
     first = guard.sampled_layers(0)[0]
-    layer = guard._by_name[first]
-    W = layer.module.parametrizations.weight.original
+    module = dict(model.named_modules())[first]
+    W = module.parametrizations.weight.original
+    healthy = W.detach().clone()
+    with torch.no_grad():  # rank 1: the check at step 4 (the layer's second) will fire
+        W.copy_(torch.outer(healthy[:, 0], healthy[0]))
     lams, checks, has_term = [], [], []
     for step, (x, y) in enumerate(batches):
-        if step == 4:  # from now on the layer reads healthy
-            layer.sensors["effective_rank"] = 0.0
+        if step == 6:  # healthy again before the check of step 8
+            with torch.no_grad():
+                W.copy_(healthy)
         model(x, y)
         pen = guard.penalty()
         grad = torch.autograd.grad(pen, W, allow_unused=True)[0] if pen.requires_grad else None
@@ -95,12 +101,14 @@ def test_guard_lambda_follows_the_law_across_checks():
         checks.append(row["checks"])
         opt.step()
     cfg = guard.config
-    ret = guard.stats()["layers"][first]["sensors"]["effective_rank_retention"]
-    triggered = cfg.base * (1 + cfg.gain * th.floor_severity(ret, 2.0))
-    # checks of this layer happen at steps 0 and 4, 8 (every=2, cycle of 2 checks)
-    assert checks == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
-    assert lams[0] == pytest.approx(triggered)
-    assert lams[3] == pytest.approx(triggered)  # held between checks
-    assert lams[4] == pytest.approx(triggered * 0.5)
-    assert lams[8] == pytest.approx(triggered * 0.25)
-    assert all(has_term)  # treated: its term is applied at every step, sampled or not
+    fired = [h for h in guard.history if h["layer"] == first and h["triggered"]]
+    assert [h["step"] for h in fired] == [4]
+    triggered = cfg.base * (1 + cfg.gain * th.floor_severity(
+        fired[0]["effective_rank_retention"], 0.9))
+    # checks of this layer launch at steps 0, 4, 8, 12 and apply one step later
+    assert checks == [0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4]
+    assert lams[:5] == [0.0] * 5
+    assert lams[5] == pytest.approx(triggered) and lams[8] == pytest.approx(triggered)
+    assert lams[9] == pytest.approx(triggered * 0.5)
+    assert lams[13] == pytest.approx(triggered * 0.25)
+    assert has_term == [False] * 5 + [True] * 9  # treated: its term at every step
