@@ -37,15 +37,24 @@ def f32_entry(shape: list[int], begin: int) -> dict:
 
 
 def write_sharded(folder: Path, tensors: dict[str, torch.Tensor], n_shards: int = 2,
-                  index_name: str = "model.safetensors.index.json") -> Path:
-    """Write a Hugging Face style sharded checkpoint; returns the index path."""
+                  index_name: str = "model.safetensors.index.json",
+                  pytorch: bool = False) -> Path:
+    """Write a Hugging Face style sharded checkpoint; returns the index path.
+
+    ``pytorch``: ``torch.save`` shards ``pytorch_model-0000i-of-0000n.bin`` (pass
+    ``index_name="pytorch_model.bin.index.json"``) instead of safetensors shards.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
     weight_map = {}
     for i in range(n_shards):
-        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
         part = {k: tensors[k] for k in names[i::n_shards]}
-        save_file(part, str(folder / shard))
+        if pytorch:
+            shard = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+            torch.save(part, folder / shard)
+        else:
+            shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+            save_file(part, str(folder / shard))
         weight_map.update(dict.fromkeys(part, shard))
     index = folder / index_name
     total = sum(t.numel() * t.element_size() for t in tensors.values())
