@@ -1,4 +1,5 @@
-"""The optional extras: a test skips only when its extra is missing, and never in CI.
+"""The optional extras (a test skips only when its extra is missing, and never in CI), and the
+helpers the ``test_integration_*`` files share.
 
 ``require(module)`` is what every ``test_integration_*`` file uses to import its framework:
 outside CI a missing extra skips the test; with ``SPECTRAL_GUARD_REQUIRE_EXTRAS=1`` (set by
@@ -9,13 +10,18 @@ skipped integration test.
 from __future__ import annotations
 
 import importlib
+import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
+import torch
 
+from spectral_guard import Thresholds, load_thresholds
 from spectral_guard.integrations import EXTRA_FOR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +39,41 @@ def require(module: str) -> ModuleType:
         return importlib.import_module(module)
     extra = EXTRA_FOR.get(module.partition(".")[0], "all")
     return pytest.importorskip(module, reason=f"needs spectral-guard[{extra}]")
+
+
+def always_firing() -> Thresholds:
+    """Thresholds whose effective-rank floor (2.0) every layer is below: every check fires, so
+    every checked layer is treated and the penalty is never zero once a check is applied."""
+    data = load_thresholds().to_dict()
+    data["default"]["effective_rank_retention_min"] = 2.0
+    return Thresholds.from_dict(data)
+
+
+def assert_same_state(a: Any, b: Any, where: str = "state") -> None:
+    """Two guard ``state_dict()`` outputs are equal: tensors bit for bit (NaN equal to NaN)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=where)
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, (where, a, b)
+
+
+def doc_example(tag: str) -> str:
+    """The ```python block of docs/integrations.md that starts with ``# example: <tag>``."""
+    text = (ROOT / "docs" / "integrations.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    found = [b for b in blocks if b.startswith(f"# example: {tag}\n")]
+    assert len(found) == 1, tag
+    return found[0]
 
 
 def test_every_extra_is_declared_and_all_includes_them():
