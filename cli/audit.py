@@ -1,42 +1,68 @@
 """``spectral-guard audit``: thin command over :func:`spectral_guard.auditing.audit`.
 
-Exit codes: 0 no matrix fails the ``--fail-on`` policy; 1 at least one does; 2 usage or input
-error (one line on stderr, no traceback).
+Exit codes (:mod:`spectral_guard.cli.common`): 0 no matrix fails the ``--fail-on`` policy; 1 at
+least one does; 2 usage or input error (one line on stderr, no traceback); 3 internal error;
+130 interrupted.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+from enum import StrEnum
 from pathlib import Path
 
 import typer
 
+from .common import (
+    check_writable,
+    exit_codes_help,
+    fail,
+    guarded,
+    progress_bar,
+    show_progress,
+    stdout_console,
+)
+
 HELP = """Audit safetensors checkpoints for rank collapse, ill-conditioning and corruption.
 
 PATH is a .safetensors file, a *.safetensors.index.json, or a folder holding either.
-Exit codes: 0 healthy, 1 a matrix fails the --fail-on policy, 2 usage or input error.
-See docs/audit.md for the status rules and the JSON schema."""
+See docs/audit.md for the status rules and the JSON schema.
+
+""" + exit_codes_help("healthy: no matrix fails the --fail-on policy",
+                      "at least one matrix fails the policy")
 
 
-def _error(message: str) -> typer.Exit:
-    text = " ".join(str(message).split("\n"))
-    typer.echo(f"error: {text}", err=True)
-    return typer.Exit(code=2)
+class Mode(StrEnum):
+    """How each matrix is decomposed."""
+
+    biopsy = "biopsy"
+    exact = "exact"
 
 
-def _parse_fail_on(value: str) -> tuple[str, ...]:
+STATUS_CHOICES = ("nonfinite", "dead_units", "collapsed", "ill_conditioned", "suspicious", "ok")
+"""The statuses ``--fail-on`` accepts (``spectral_guard.verdict.STATUSES``, kept here so that
+``--help`` needs no torch import; a test checks they are equal), plus ``none``."""
+
+FAIL_ON_METAVAR = "[" + "|".join((*STATUS_CHOICES, "none")) + "],..."
+
+
+def parse_fail_on(value: str) -> tuple[str, ...]:
+    """``--fail-on``: comma-separated statuses, or ``none``; a usage error names a bad one."""
     parts = [p.strip() for p in value.split(",") if p.strip()]
     if parts == ["none"]:
         return ()
+    bad = [p for p in parts if p not in STATUS_CHOICES]
+    if bad or not parts:
+        raise typer.BadParameter(f"unknown status {bad[0]!r} (choose from "
+                                 f"{', '.join(STATUS_CHOICES)}, or none)" if bad
+                                 else "give at least one status, or none")
     return tuple(parts)
 
 
 def audit_command(
     paths: list[Path] = typer.Argument(..., metavar="PATH...", show_default=False,
                                        help="Checkpoint file(s), index.json or folder(s)."),
-    mode: str = typer.Option("biopsy", "--mode", help="biopsy (seeded submatrix) or exact "
-                             "(full SVD)."),
+    mode: Mode = typer.Option(Mode.biopsy, "--mode", help="biopsy (seeded submatrix) or exact "
+                              "(full SVD)."),
     limit: int = typer.Option(128, "--limit", help="Biopsy size: LIMIT x 0.75 LIMIT for a "
                               "matrix with a side longer than LIMIT."),
     seed: int = typer.Option(0, "--seed", help="Seed of the biopsy sample."),
@@ -47,6 +73,7 @@ def audit_command(
     thresholds: Path | None = typer.Option(None, "--thresholds", help="Thresholds JSON file "
                                            "(default: the shipped defaults)."),
     fail_on: str = typer.Option("collapsed,nonfinite,dead_units", "--fail-on",
+                                metavar=FAIL_ON_METAVAR, callback=parse_fail_on,
                                 help="Comma-separated statuses that make the exit code 1, or "
                                 "'none'."),
     as_json: bool = typer.Option(False, "--json", help="Write one JSON document to stdout and "
@@ -57,62 +84,41 @@ def audit_command(
                                "the verdict."),
     show_skipped: bool = typer.Option(False, "--show-skipped", help="List skipped tensors."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    debug: bool = typer.Option(False, "--debug", help="On an internal error, print the "
+                               "traceback too."),
 ) -> None:
     """Audit safetensors checkpoints for rank collapse, ill-conditioning and corruption."""
-    from rich.console import Console
-
     from spectral_guard.auditing import audit
     from spectral_guard.checkpoint import CheckpointError
     from spectral_guard.report import render_csv, render_json, render_text
     from spectral_guard.thresholds import ThresholdsError
 
-    if mode not in ("biopsy", "exact"):
-        raise _error(f"--mode: {mode!r} is not one of 'biopsy', 'exact'")
     if top is not None and top < 1:
-        raise _error(f"--top must be at least 1, got {top}")
-    err_console = Console(stderr=True)
-    show_progress = not (quiet or no_progress) and sys.stderr.isatty()
-    try:
-        if show_progress:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        raise fail(f"--top must be at least 1, got {top}")
+    if as_json and (top is not None or quiet):
+        flag = "--top" if top is not None else "--quiet"
+        raise fail(f"{flag} shapes the table and cannot be combined with --json, which always "
+                   "holds every matrix (filter the JSON instead)")
+    if csv_path is not None:
+        check_writable(csv_path, "--csv")
 
-            with Progress(TextColumn("audit"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                          TimeElapsedColumn(), TextColumn("{task.description}"),
-                          console=err_console, transient=True) as bar:
-                task = bar.add_task("", total=1)
+    def run() -> object:
+        with progress_bar("audit", show_progress(quiet, no_progress)) as progress:
+            return audit(paths, mode=mode.value, limit=limit, seed=seed, include=include,
+                         exclude=exclude, thresholds=thresholds, fail_on=fail_on,
+                         progress=progress)
 
-                def progress(done: int, total: int, name: str) -> None:
-                    bar.update(task, completed=done, total=total, description=name[-40:])
-
-                report = audit(paths, mode=mode, limit=limit, seed=seed, include=include,
-                               exclude=exclude, thresholds=thresholds,
-                               fail_on=_parse_fail_on(fail_on), progress=progress)
-        else:
-            report = audit(paths, mode=mode, limit=limit, seed=seed, include=include,
-                           exclude=exclude, thresholds=thresholds,
-                           fail_on=_parse_fail_on(fail_on))
-    except (CheckpointError, ThresholdsError, ValueError) as exc:
-        raise _error(str(exc)) from None
-    except OSError as exc:
-        raise _error(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}") from None
-    except MemoryError:
-        raise _error("out of memory (try --mode biopsy or a smaller --limit)") from None
-    except Exception as exc:  # never a traceback; SPECTRAL_GUARD_DEBUG=1 shows it
-        if os.environ.get("SPECTRAL_GUARD_DEBUG"):
-            raise
-        raise _error(f"internal error ({type(exc).__name__}: {exc}); "
-                     "set SPECTRAL_GUARD_DEBUG=1 for the traceback") from None
-
+    report = guarded(run, debug=debug,
+                     input_errors=(CheckpointError, ThresholdsError, ValueError))
     if csv_path is not None:
         try:
             csv_path.write_text(render_csv(report))
         except OSError as exc:
-            raise _error(f"{csv_path}: cannot write CSV ({exc.strerror or exc})") from None
+            raise fail(f"--csv {csv_path}: cannot write ({exc.strerror or exc})") from None
     if as_json:
         typer.echo(render_json(report))
     else:
-        console = Console(width=None if sys.stdout.isatty() else 160)
-        render_text(report, console, top=top, quiet=quiet, show_skipped=show_skipped)
+        render_text(report, stdout_console(), top=top, quiet=quiet, show_skipped=show_skipped)
     raise typer.Exit(code=report.exit_code)
 
 

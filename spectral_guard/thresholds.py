@@ -16,6 +16,15 @@ Rule fields are numbers or ``null`` (``null`` switches that check off). ``patter
 regular expression searched (``re.search``) in the parameter name, e.g.
 ``model.layers.3.mlp.down_proj.weight``; the guard matches ``<module path>.weight``.
 The shipped defaults are ``spectral_guard/data/default_thresholds.json``.
+
+``schema_version`` is the version of this layout. A reader accepts its own version and refuses
+a newer one with a one-line message (a newer writer may have added fields whose meaning an old
+reader would silently drop). ``provenance`` is free-form: a calibrated file
+(``spectral-guard calibrate``) records there its references (path, size, sha256), the date, the
+tool version, the mode, the biopsy limit and the percentile rule, see ``docs/calibration.md``.
+
+Role groups (:data:`ROLE_GROUPS`, :func:`role_group`) classify a parameter name as attention,
+MLP, embedding, output head or other; calibration learns one rule per role group.
 """
 
 from __future__ import annotations
@@ -33,6 +42,51 @@ SCHEMA_VERSION = 1
 
 class ThresholdsError(ValueError):
     """A thresholds file that cannot be used (message is one line, for the CLI)."""
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Role groups
+
+_NAME_END = r"(\.|\[|$)"
+ROLE_GROUPS: tuple[tuple[str, str], ...] = (
+    ("heads", r"(?i)(^|\.)(lm_head|embed_out|output_layer|classifier|score|cls|head)"
+              + _NAME_END + r"|^output\.weight$"),
+    ("embeddings", r"(?i)(^|\.)(embed_tokens|embed_in|embed_positions|tok_embeddings|wte|wpe|"
+                   r"word_embeddings|position_embeddings|token_type_embeddings|embeddings?)"
+                   + _NAME_END),
+    ("attention", r"(?i)(^|\.)(\w*attn\w*|\w*attention\w*|q_proj|k_proj|v_proj|o_proj|"
+                  r"qkv_proj|qkv|wqkv|query_key_value|query|key|value|c_attn|in_proj_weight|"
+                  r"out_proj)" + _NAME_END),
+    ("mlp", r"(?i)(^|\.)(\w*mlp\w*|\w*moe\w*|ffn|feed_forward|feedforward|intermediate|"
+            r"densereludense|experts?|up_proj|gate_proj|down_proj|gate_up_proj|fc1|fc2|w1|w2|"
+            r"w3|c_fc|dense_h_to_4h|dense_4h_to_h|wi|wi_0|wi_1)" + _NAME_END
+            + r"|(^|\.)output\.dense\."),
+    ("other", r"."),
+)
+"""Role groups, first match wins: ``(name, regex searched in the parameter name)``.
+
+* ``heads``: output heads (``lm_head``, GPT-NeoX ``embed_out``, ``classifier``, ``score``, a
+  top-level ``output.weight``).
+* ``embeddings``: token, position and type embeddings.
+* ``attention``: q/k/v/o projections, fused qkv (``qkv_proj``, ``query_key_value``,
+  ``c_attn``, ``Wqkv``, ``in_proj_weight``) and anything under a module whose name contains
+  ``attn`` or ``attention``.
+* ``mlp``: up/gate/down projections, ``fc1``/``fc2``, ``w1``/``w2``/``w3``, ``c_fc``, experts, and
+  anything under a module whose name contains ``mlp``, ``moe``, ``ffn``, ``feed_forward``,
+  ``intermediate`` (BERT's ``layer.N.output.dense`` too).
+* ``other``: norms and every other matrix.
+"""
+
+_ROLE_RE = tuple((name, re.compile(pattern)) for name, pattern in ROLE_GROUPS)
+
+
+def role_group(name: str) -> str:
+    """The role group of a parameter name (see :data:`ROLE_GROUPS`); ``"other"`` if none."""
+    return next((group for group, rx in _ROLE_RE if rx.search(name)), "other")
 
 
 @dataclass(frozen=True)
@@ -142,6 +196,10 @@ class Thresholds:
             raise ThresholdsError(f"{source}: not a spectral_guard thresholds file "
                                   f"(format must be {FORMAT!r})")
         version = data.get("schema_version")
+        if _is_int(version) and version > SCHEMA_VERSION:
+            raise ThresholdsError(f"{source}: schema_version {version} is newer than this "
+                                  f"spectral_guard reads ({SCHEMA_VERSION}); upgrade "
+                                  "spectral_guard to use this file")
         if version != SCHEMA_VERSION:
             raise ThresholdsError(f"{source}: unsupported schema_version {version!r} "
                                   f"(this version reads {SCHEMA_VERSION})")
