@@ -1,0 +1,235 @@
+"""The check pipeline: off the training thread, a fixed one-step lag, mixed precision, and
+``torch.compile`` without recompiles."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+from guard_models import byte_batches, seeded_model, synthetic_text, thresholds
+from torch.overrides import TorchFunctionMode
+
+import spectral_guard
+
+DECOMPOSITIONS = {torch.linalg.eigvalsh, torch.linalg.eigh, torch.linalg.svd,
+                  torch.linalg.svdvals}
+
+
+class _RecordDecompositions(TorchFunctionMode):
+    """Records decompositions called on the thread that entered the mode (modes are
+    thread-local: the worker thread's calls are not seen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in DECOMPOSITIONS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _batches(n: int, seed: int = 0):
+    return list(byte_batches(synthetic_text(4000, seed), 4, 16, n, seed=seed))
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        model(x, y)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_decompositions_run_off_the_training_thread():
+    model = seeded_model(0, n_layers=2, d=32, seq=16)
+    guard = spectral_guard.instrument(model, ratio=0.5,
+                                      thresholds=thresholds(effective_rank_retention_min=2.0))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    names = {t.name for t in threading.enumerate()}
+    assert any(n.startswith("spectral_guard") for n in names)
+    with _RecordDecompositions() as mode:
+        _train(model, opt, _batches(4))
+    assert mode.calls == []  # nothing decomposed on the training thread
+    assert guard.stats()["totals"]["checks"] == sum(len(guard.sampled_layers(s))
+                                                    for s in range(4))
+    assert torch.get_num_threads() >= 1  # the training thread kept its thread count
+
+
+def test_training_thread_keeps_its_intra_op_threads():
+    before = torch.get_num_threads()
+    spectral_guard.instrument(seeded_model(0, n_layers=1, d=32, seq=16))
+    assert torch.get_num_threads() == before
+
+
+def test_a_check_lands_one_step_after_it_was_launched():
+    """A layer collapsed during step s is checked at the hook ending step s (clock s + 1) and
+    its lambda is set at the next clock advance (s + 2): the documented lag."""
+    model = seeded_model(0, n_layers=1, d=32, seq=16)
+    guard = spectral_guard.instrument(model, ratio=1.0, auto_loss=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    W = model.blocks[0].fc.parametrizations.weight.original
+    treated_at = []
+    for step, (x, y) in enumerate(_batches(5)):
+        if step == 1:
+            with torch.no_grad():
+                W.copy_(torch.outer(W[:, 0], W[0]))  # rank 1 during step 1
+        model(x, y)
+        guard.penalty()
+        opt.step()  # clock -> step + 1
+        treated_at.append(guard.stats()["layers"]["blocks.0.fc"]["lambda"] > 0)
+    assert treated_at == [False, False, True, True, True]
+    row = guard.stats()["layers"]["blocks.0.fc"]
+    assert row["last_checked_step"] == 4 and row["interventions"] == 3
+
+
+def test_runs_are_deterministic():
+    def run():
+        model = seeded_model(0, n_layers=2, d=32, seq=16)
+        guard = spectral_guard.instrument(
+            model, ratio=0.5, thresholds=thresholds(effective_rank_retention_min=0.999))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+        _train(model, opt, _batches(6, seed=1))
+        return model.state_dict(), repr(guard.stats()["layers"])
+
+    (a, sa), (b, sb) = run(), run()
+    assert sa == sb
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+class _OneLayer(nn.Module):
+    def __init__(self, W: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = nn.Linear(W.shape[1], W.shape[0], bias=False)
+        with torch.no_grad():
+            self.layer.weight.copy_(W)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"loss": self.layer(x).square().mean()}
+
+
+def _rank6(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(256, 6, generator=g), torch.randn(6, 256, generator=g)
+    return 0.02 * (A @ B) / 6**0.5 + 2e-4 * torch.randn(256, 256, generator=g)
+
+
+def _erank_after_one_check(model: nn.Module, autocast: bool) -> float:
+    guard = spectral_guard.instrument(model, ratio=1.0, biopsy_limit=256,
+                                      step_on="manual")
+    if autocast:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            guard.step()
+    else:
+        guard.step()
+    return guard.stats()["layers"]["layer"]["sensors"]["effective_rank"]
+
+
+def test_low_rank_layer_reads_the_same_in_fp32_autocast_and_bf16_weights():
+    W = _rank6()
+    fp32 = _erank_after_one_check(_OneLayer(W), autocast=False)
+    under_autocast = _erank_after_one_check(_OneLayer(W), autocast=True)
+    bf16 = _erank_after_one_check(_OneLayer(W).to(torch.bfloat16), autocast=False)
+    assert 6.0 <= fp32 <= 10.0  # rank 6 plus a noise floor
+    assert under_autocast == pytest.approx(fp32, rel=0.02)
+    assert bf16 == pytest.approx(fp32, rel=0.02)
+    # the failure this guards against: a bf16 Gram matrix reads far above the true rank
+    B = W.to(torch.bfloat16)
+    s = torch.linalg.eigvalsh((B.mT @ B).float()).flip(0).clamp_min(0).sqrt()
+    p = s / s.sum()
+    bf16_gram = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    assert bf16_gram > 1.5 * fp32
+
+
+def test_fp32_and_autocast_runs_trigger_the_same_layers():
+    base = seeded_model(3, n_layers=2, d=64, seq=16)
+    with torch.no_grad():  # two layers collapsed, one of them badly
+        base.blocks[0].fc.weight.copy_(torch.outer(base.blocks[0].fc.weight[:, 0],
+                                                   base.blocks[0].fc.weight[0]))
+        W = base.blocks[1].q_proj.weight
+        W.copy_(W[:, :2] @ W[:2])
+    treated = []
+    for autocast in (False, True):
+        model = copy.deepcopy(base)
+        guard = spectral_guard.instrument(model, ratio=1.0, step_on="manual")
+        (x, y), = _batches(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x, y)
+            guard.step()
+            out = model(x, y)
+        assert out["loss"].dtype == torch.float32
+        treated.append({n for n, r in guard.stats()["layers"].items() if r["lambda"] > 0})
+    assert treated[0] == treated[1] == {"blocks.0.fc", "blocks.1.q_proj"}
+
+
+def test_penalty_is_fp32_and_joins_the_loss_in_its_dtype():
+    model = _OneLayer(_rank6()).to(torch.bfloat16)
+    guard = spectral_guard.instrument(model, ratio=1.0, step_on="manual", auto_loss=False)
+    guard.step()
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        pen = guard.penalty()
+    assert pen.dtype == torch.float32 and float(pen.detach()) > 0
+    auto = _OneLayer(_rank6())
+    g2 = spectral_guard.instrument(auto, ratio=1.0, step_on="manual")
+    g2.step()
+    x = torch.randn(4, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = auto(x)
+        pen = g2.metrics()["penalty"]
+        g2.penalty_scale = 0.0
+        task = auto(x)["loss"]
+    assert out["loss"].dtype == task.dtype == torch.bfloat16  # the loss keeps its dtype
+    assert pen > 0
+    assert float(out["loss"].detach()) == pytest.approx(float(task.detach()) + pen, rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.parametrize("how", ["wrap", "in_place"])
+def test_compiled_model_keeps_guarding_without_recompiles(how):
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    dynamo.reset()
+    counters.clear()
+    model = seeded_model(0, n_layers=2, d=32, seq=16)
+    guard = spectral_guard.instrument(model, ratio=0.5)
+    if how == "wrap":
+        run = torch.compile(model, backend="aot_eager")
+    else:
+        model.compile(backend="aot_eager")
+        run = model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = _batches(12)
+    for step, (x, y) in enumerate(batches):
+        if step == 2:  # warm-up done: any recompile from here on is an error
+            graphs = counters["stats"]["unique_graphs"]
+            dynamo.config.error_on_recompile = True
+        if step == 4:
+            with torch.no_grad():  # collapse a layer after instrumenting
+                W = model.blocks[0].fc.weight
+                W.copy_(torch.outer(W[:, 0], W[0]))
+        out = run(x, y)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    row = guard.stats()["layers"]["blocks.0.fc"]
+    assert row["interventions"] >= 1 and row["lambda"] > 0
+    W = model.blocks[0].fc.parametrizations.weight.original
+    x, y = batches[-1]
+    (with_penalty,) = torch.autograd.grad(run(x, y)["loss"], W)
+    guard.penalty_scale = 0.0  # a per-step Python value: read eagerly, no recompile
+    (without,) = torch.autograd.grad(run(x, y)["loss"], W)
+    dynamo.config.error_on_recompile = False
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert (with_penalty - without).abs().sum() > 0  # the penalty reaches the weight
