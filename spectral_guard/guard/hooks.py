@@ -51,18 +51,33 @@ def set_loss(output: Any, loss: torch.Tensor) -> bool:
     return True
 
 
-def root_forward_hook(guard_ref: weakref.ref) -> Callable[[nn.Module, Any, Any], Any]:
-    """The model's forward hook; calls ``guard._after_forward`` (see module docstring)."""
+class RootForwardHook:
+    """The model's forward hook; calls ``guard._after_forward`` (see module docstring).
 
-    @torch.compiler.disable
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        guard = guard_ref()
-        if guard is None or not module.training or not torch.is_grad_enabled() \
-                or in_backward():
-            return None
-        return guard._after_forward(output)
+    A small class rather than a closure so that pickling an instrumented model fails with a
+    message that says what to do instead.
+    """
 
-    return hook
+    def __init__(self, guard_ref: weakref.ref) -> None:
+        self.guard_ref = guard_ref
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        return _after_forward(self.guard_ref, module, output)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an instrumented model cannot be pickled: save model.state_dict() "
+                        "(and guard.state_dict()), or call spectral_guard.remove(model) first")
+
+    def __deepcopy__(self, memo: dict) -> RootForwardHook:
+        return RootForwardHook(self.guard_ref)  # re-pointed by Guard.__deepcopy__
+
+
+@torch.compiler.disable
+def _after_forward(guard_ref: weakref.ref, module: nn.Module, output: Any) -> Any:
+    guard = guard_ref()
+    if guard is None or not module.training or not torch.is_grad_enabled() or in_backward():
+        return None
+    return guard._after_forward(output)
 
 
 def optimizer_step_hook(guard_ref: weakref.ref) -> Callable[..., None]:

@@ -141,7 +141,7 @@ class Guard:
             ]
             self._by_name[c.name] = layer
         self._root_handles += [
-            self.model.register_forward_hook(hooks.root_forward_hook(ref)),
+            self.model.register_forward_hook(hooks.RootForwardHook(ref)),
             register_optimizer_step_post_hook(hooks.optimizer_step_hook(ref)),
         ]
         self.model._spectral_guard = self  # lets spectral_guard.remove(model) find the guard
@@ -562,31 +562,32 @@ class Guard:
 
     def __deepcopy__(self, memo: dict) -> Guard:
         """A guard for the copied model (``copy.deepcopy(model)``: EMA, ``AveragedModel``)."""
-        if self._inflight is not None:
-            self._inflight.future.result()
         new = Guard.__new__(Guard)
         memo[id(self)] = new
-        fresh = {"_worker", "_owner_cache", "_attached", "_root_handles"}
+        fresh = {"_worker", "_owner_cache", "_attached", "_root_handles", "_inflight"}
         for key, value in self.__dict__.items():
             if key not in fresh:
                 setattr(new, key, copy.deepcopy(value, memo))
+        new._inflight = None if self._inflight is None else _InFlight(
+            self._inflight.step, done(copy.deepcopy(self._inflight.future.result(), memo)))
         new._worker = CheckWorker()
         new._owner_cache = weakref.WeakKeyDictionary()
         new._attached = None
         ref = weakref.ref(new)
-        new._root_handles = [copy.deepcopy(self._root_handles[0], memo),
+        # The copied model is still being assembled (its __dict__ is set after this returns),
+        # but its hook dicts are copied already: reach them through the copied handles.
+        forward = copy.deepcopy(self._root_handles[0], memo)
+        forward.hooks_dict_ref()[forward.id] = hooks.RootForwardHook(ref)
+        new._root_handles = [forward,
                              register_optimizer_step_post_hook(hooks.optimizer_step_hook(ref))]
-        model_hooks = new.model._forward_hooks
-        model_hooks[new._root_handles[0].id] = hooks.root_forward_hook(ref)
         for layer in new._layers:
             post = layer.handles[2]
-            layer.module._load_state_dict_post_hooks[post.id] = hooks.load_post_hook(
-                ref, layer.index)
+            post.hooks_dict_ref()[post.id] = hooks.load_post_hook(ref, layer.index)
         return new
 
-    def __getstate__(self) -> dict:
-        raise TypeError("an instrumented model cannot be pickled: save model.state_dict() and "
-                        "guard.state_dict(), or call spectral_guard.remove(model) first")
+    def __reduce__(self) -> Any:
+        raise TypeError("a Guard cannot be pickled: save guard.state_dict() (and "
+                        "model.state_dict())")
 
 
 def _schedule_config(config: GuardConfig) -> dict[str, Any]:
