@@ -1,0 +1,170 @@
+"""``spectral_guard.auto_calibrate(model)``: tier settings by parameter count (models built on
+the meta device), thresholds from a file or from the model's own weights, the random-weights
+warning, and the GuardConfig going straight to ``instrument``."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from audit_fixtures import tiny_models
+from calibrate_family import family  # noqa: F401  (session fixture)
+from rich.console import Console
+from safetensors.torch import load_file
+from torch import nn
+
+import spectral_guard
+from spectral_guard.calibrate import (
+    TIERS,
+    CalibrationWarning,
+    RandomWeightsWarning,
+    count_parameters,
+    measure_model,
+    render_config,
+    tier_for,
+)
+from spectral_guard.guard.config import GuardConfig
+from spectral_guard.thresholds import default_thresholds
+
+# (width, layers) of a stack of square nn.Linear layers: ~50M, ~201M, ~1.07B, ~3.2B parameters
+TIER_MODELS = {"< 100M": (4096, 3), "100M-500M": (8192, 3), "500M-2B": (16384, 4),
+               "> 2B": (32768, 3)}
+EXPECTED = {  # (ratio, every, biopsy_limit, lambda_base spectral, lambda_base l2)
+    "< 100M": (0.10, 1, 192, 0.05, 1e-4),
+    "100M-500M": (0.05, 2, 256, 0.025, 5e-5),
+    "500M-2B": (0.02, 5, 256, 0.01, 2e-5),
+    "> 2B": (0.01, 10, 256, 0.005, 1e-5),
+}
+
+
+def meta_model(width: int, layers: int) -> nn.Module:
+    with torch.device("meta"):
+        return nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
+
+
+def test_tier_boundaries():
+    assert tier_for(0).name == "< 100M"
+    assert tier_for(99_999_999).name == "< 100M"
+    assert tier_for(100_000_000).name == "100M-500M"
+    assert tier_for(499_999_999).name == "100M-500M"
+    assert tier_for(2_000_000_000).name == "> 2B"
+    assert [t.paper_biopsy_limit for t in TIERS] == [1024, 768, 512, 384]
+    assert all(t.biopsy_limit <= 256 for t in TIERS)  # measured departure, docs/calibration.md
+
+
+@pytest.mark.parametrize("tier", list(TIER_MODELS))
+def test_each_tier_on_the_meta_device(tier, tmp_path):
+    model = meta_model(*TIER_MODELS[tier])
+    n = count_parameters(model)
+    assert tier_for(n).name == tier
+    ratio, every, limit, lam_spectral, lam_l2 = EXPECTED[tier]
+    with pytest.warns(CalibrationWarning, match="meta tensors"):
+        cfg = spectral_guard.auto_calibrate(model)
+    assert isinstance(cfg, GuardConfig)
+    assert (cfg.ratio, cfg.every, cfg.biopsy_limit) == (ratio, every, limit)
+    assert cfg.actuator == "spectral" and cfg.lambda_base == pytest.approx(lam_spectral)
+    assert cfg.thresholds.default == default_thresholds().default  # not measured: defaults
+    assert cfg.thresholds.provenance["auto_calibrate"]["parameters"] == n
+    # with a thresholds file: read, no measurement, no warning; L2 actuator: the paper's lambda
+    path = tmp_path / "t.json"
+    default_thresholds().save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg2 = spectral_guard.auto_calibrate(model, str(path), actuator="l2")
+    assert cfg2.lambda_base == pytest.approx(lam_l2) and cfg2.actuator == "l2"
+    assert cfg2.thresholds.groups == default_thresholds().groups
+    assert next(p for p in model.parameters()).is_meta  # nothing was materialized
+
+
+def test_overrides_and_bad_arguments(tmp_path):
+    model = meta_model(64, 2)
+    path = tmp_path / "t.json"
+    default_thresholds().save(path)
+    cfg = spectral_guard.auto_calibrate(model, path, ratio=0.5, every=3)
+    assert (cfg.ratio, cfg.every) == (0.5, 3)
+    with pytest.raises(TypeError, match="unknown GuardConfig"):
+        spectral_guard.auto_calibrate(model, path, ratios=0.5)
+    with pytest.raises(ValueError, match="actuator"):
+        spectral_guard.auto_calibrate(model, path, actuator="l1")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    from spectral_guard.thresholds import ThresholdsError
+
+    with pytest.raises(ThresholdsError, match="not valid JSON"):
+        spectral_guard.auto_calibrate(model, bad)
+
+
+def _member_model(path) -> nn.Module:
+    state = load_file(str(path))
+    vocab, d = state["model.embed_tokens.weight"].shape
+    ffn = state["model.layers.0.mlp.up_proj.weight"].shape[0]
+    model = tiny_models.CharLM(vocab, d, 4, ffn, 2, 32)
+    model.load_state_dict(state)
+    return model
+
+
+def test_trained_model_learns_its_own_thresholds(family):  # noqa: F811
+    model = _member_model(family.references[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomWeightsWarning)
+        cfg = spectral_guard.auto_calibrate(model)
+    th = cfg.thresholds
+    assert "learned from the model's 15 matrices" in th.provenance["auto_calibrate"]["thresholds"]
+    assert th.default.stable_rank_min != default_thresholds().default.stable_rank_min
+    # a floor at P10 x 0.8 leaves at most 10% of the model's own matrices below it
+    own = measure_model(model)
+    for field, metric in (("stable_rank_min", "stable_rank"),
+                          ("effective_rank_ratio_min", "effective_rank_ratio")):
+        below = [m.name for m in own if getattr(m, metric) < getattr(th.rule_for(m.name), field)]
+        assert len(below) <= 0.1 * len(own), (field, below)
+    guard = spectral_guard.instrument(model, cfg)
+    try:
+        assert model(torch.zeros(1, 4, dtype=torch.long)).shape[-1] == model.lm_head.out_features
+    finally:
+        spectral_guard.remove(model)
+    assert guard is not None
+
+
+def test_measure_model_matches_the_audit_of_the_saved_weights(family):  # noqa: F811
+    model = _member_model(family.references[0])
+    live = {m.name: m for m in measure_model(model)}
+    audited = {m.name: m for m in spectral_guard.audit(family.references[0]).matrices}
+    assert set(live) == set(audited)
+    # the audit keeps every column of a matrix whose rows all fit the biopsy (64 x 256 is
+    # measured whole there, 64 x 128 here, as audit_biopsy_indices documents): compare the
+    # matrices measured on the same submatrix
+    same = [n for n, m in audited.items() if live[n].measured_shape == m.measured_shape]
+    assert len(same) >= 13
+    for name in same:
+        for key in ("stable_rank", "effective_rank_ratio", "sigma_max", "alpha"):
+            assert getattr(live[name], key) == pytest.approx(getattr(audited[name], key),
+                                                             rel=1e-5), key
+
+
+def test_random_model_warns_and_keeps_the_defaults():
+    torch.manual_seed(0)
+    model = tiny_models.CharLM(30, 96, 4, 384, 2, 32)
+    with pytest.warns(RandomWeightsWarning, match="randomly initialized"):
+        cfg = spectral_guard.auto_calibrate(model)
+    assert cfg.thresholds.default == default_thresholds().default
+    assert cfg.thresholds.provenance["auto_calibrate"]["random_weights"]["looks_random"]
+    with pytest.warns(RandomWeightsWarning, match="anyway"):
+        forced = spectral_guard.auto_calibrate(model, allow_random=True)
+    assert forced.thresholds.default != default_thresholds().default
+
+
+def test_render_config_is_a_rich_table(tmp_path):
+    model = meta_model(4096, 3)
+    path = tmp_path / "t.json"
+    default_thresholds().save(path)
+    cfg = spectral_guard.auto_calibrate(model, path)
+    console = Console(record=True, width=120)
+    console.print(render_config(cfg))
+    text = console.export_text()
+    for expected in ("GuardConfig", "ratio", "0.1", "biopsy_limit", "192", "lambda_base",
+                     "tier < 100M", "50,343,936 parameters", f"given ({path})"):
+        assert expected in text, expected
+    console = Console(record=True, width=120)
+    console.print(render_config(GuardConfig()))
+    assert "shipped defaults" in console.export_text()
