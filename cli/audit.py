@@ -79,6 +79,9 @@ def audit_command(
     as_json: bool = typer.Option(False, "--json", help="Write one JSON document to stdout and "
                                  "nothing else."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Also write a CSV table to FILE."),
+    plot_path: Path | None = typer.Option(None, "--plot", help="Also draw each matrix's health "
+                                          "by depth to FILE (.png, .svg, .pdf; needs "
+                                          "spectral-guard[plot])."),
     top: int | None = typer.Option(None, "--top", help="Show only the N worst matrices."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table or progress bar: only "
                                "the verdict."),
@@ -101,6 +104,10 @@ def audit_command(
                    "holds every matrix (filter the JSON instead)")
     if csv_path is not None:
         check_writable(csv_path, "--csv")
+    if plot_path is not None:
+        from .esd import plot_output_ready
+
+        plot_output_ready(plot_path)
 
     def run() -> object:
         with progress_bar("audit", show_progress(quiet, no_progress)) as progress:
@@ -119,6 +126,10 @@ def audit_command(
         typer.echo(render_json(report))
     else:
         render_text(report, stdout_console(), top=top, quiet=quiet, show_skipped=show_skipped)
+    if plot_path is not None:
+        from spectral_guard.integrations.plot import plot_audit
+
+        guarded(lambda: plot_audit(report, plot_path), debug=debug, input_errors=(ValueError,))
     raise typer.Exit(code=report.exit_code)
 
 

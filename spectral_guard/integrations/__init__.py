@@ -25,6 +25,7 @@ EXTRA_FOR = {
     "lightning": "lightning",
     "matplotlib": "plot",
     "tensorboard": "tensorboard",
+    "numpy": "tensorboard",
 }
 """Top-level module -> the ``spectral-guard`` extra that installs it."""
 
