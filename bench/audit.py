@@ -21,7 +21,16 @@ The peak RSS of a biopsy audit is measured in a fresh child process (its own ``V
 cost depends on the allocator state the process is in).
 The last line prints the ratios against the goals.
 
-    python bench/audit.py [--layers 4] [--repeat 2] [--dir DIR [--keep]]
+``--pytorch`` (on by default; ``--no-pytorch`` skips it) also writes the same tensors as a
+sharded PyTorch checkpoint (``torch.save`` shards ``pytorch_model-0000i-of-0000n.bin`` plus
+``pytorch_model.bin.index.json``, what Hugging Face wrote before safetensors) and times, in the
+same run and interleaved: a plain read of each format (``.bin``: ``torch.load(weights_only=True,
+mmap=True)`` then ``clone()`` of every tensor), the biopsy audit of each format, and the peak
+RSS of a biopsy audit of each in a fresh child; then prints the ``.bin`` / safetensors ratios.
+A full ``torch.load`` without ``mmap`` (what most scripts do) is timed once with its peak RSS,
+for scale.
+
+    python bench/audit.py [--layers 4] [--repeat 2] [--dir DIR [--keep]] [--no-pytorch]
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -40,7 +50,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 BLOCKS, D, FFN, KV, VOCAB = 22, 2048, 5632, 256, 32000
 
@@ -87,6 +97,38 @@ def write_checkpoint(folder: Path, shard_bytes: int, seed: int = 0) -> int:
 
 def shard_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("model-*.safetensors"))
+
+
+def bin_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("pytorch_model-*.bin"))
+
+
+def write_bin_copy(folder: Path, out: Path) -> int:
+    """The safetensors shards' tensors re-saved with ``torch.save`` (one shard at a time) plus
+    a ``pytorch_model.bin.index.json``; returns the bytes written."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = shard_files(folder)
+    weight_map = {}
+    for i, path in enumerate(shards):
+        fname = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        part = load_file(str(path))
+        torch.save(part, out / fname)
+        weight_map.update(dict.fromkeys(part, fname))
+        del part
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return sum(p.stat().st_size for p in bin_files(out))
+
+
+def plain_read_bin(folder: Path, mmap: bool = True) -> float:
+    """Every tensor of the ``.bin`` shards read once (``clone()`` of the mapped tensors)."""
+    t0 = time.perf_counter()
+    for path in bin_files(folder):
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        for t in state.values():
+            c = t.clone() if mmap else t
+            del c
+        del state
+    return time.perf_counter() - t0
 
 
 def plain_read(folder: Path) -> float:
@@ -138,13 +180,14 @@ def extrapolate(secs: dict[str, float], layers: int) -> float:
     return other + block * BLOCKS / layers
 
 
-def peak_rss_biopsy(folder: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in bytes) of a biopsy audit in a fresh child process."""
+def peak_rss_biopsy(folder: Path, statement: str = "") -> tuple[float, float]:
+    """(seconds, peak RSS in bytes) of a biopsy audit (or ``statement``, with ``folder`` in
+    ``sys.argv[1]``) in a fresh child process."""
     # The child reports its own VmHWM (the high-water mark of its address space since exec).
     # ru_maxrss is not used: it also counts the parent's pages the child shared between fork
     # and exec, so a parent that just generated the checkpoint reported ~3.4 GB.
     code = ("import sys; from spectral_guard.auditing import audit; "
-            "audit(sys.argv[1], mode='biopsy'); "
+            + (statement or "audit(sys.argv[1], mode='biopsy')") + "; "
             "print([ln.split()[1] for ln in open('/proc/self/status') "
             "if ln.startswith('VmHWM:')][0])")
     t0 = time.perf_counter()
@@ -175,6 +218,59 @@ def fresh_process_times(folder: Path, pairs: int) -> tuple[list[float], list[flo
     return times["plain"], times["biopsy"]
 
 
+def pytorch_section(folder: Path, root: Path, keep: bool, repeat: int) -> None:
+    """The ``.bin`` path against the safetensors path, measured side by side."""
+    bin_dir = root / "tinyllama-shaped-bin"
+    t0 = time.perf_counter()
+    if keep and (bin_dir / "pytorch_model.bin.index.json").exists():
+        size = sum(p.stat().st_size for p in bin_files(bin_dir))
+        print(f"reusing {bin_dir} ({size / 1e9:.2f} GB)")
+    else:
+        size = write_bin_copy(folder, bin_dir)
+        print(f"wrote {len(bin_files(bin_dir))} torch.save shards, {size / 1e9:.2f} GB in "
+              f"{time.perf_counter() - t0:.1f} s: {bin_dir}")
+    rss = {}
+    for label, where in (("safetensors", folder), ("bin", bin_dir)):
+        secs, rss[label] = peak_rss_biopsy(where)
+        print(f"biopsy audit of {label:11s} in a child process: {secs:.2f} s (incl. start-up), "
+              f"peak RSS {rss[label] / 1e9:.3f} GB")
+    secs, rss_full = peak_rss_biopsy(
+        bin_dir, "import torch, glob; [torch.load(p, weights_only=True) for p in "
+        "sorted(glob.glob(sys.argv[1] + '/pytorch_model-*.bin'))]")
+    print(f"plain torch.load without mmap, in a child process: {secs:.2f} s (incl. start-up), "
+          f"peak RSS {rss_full / 1e9:.3f} GB")
+    times: dict[str, list[float]] = {"plain st": [], "plain bin": [], "audit st": [],
+                                      "audit bin": []}
+    report = None
+    for _ in range(max(1, repeat)):
+        times["plain st"].append(plain_read(folder))
+        times["plain bin"].append(plain_read_bin(bin_dir))
+        t0 = time.perf_counter()
+        timed_audit(folder, "biopsy", [])
+        times["audit st"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        report, _ = timed_audit(bin_dir, "biopsy", [])
+        times["audit bin"].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"{k:10s}: {', '.join(f'{t:.2f}' for t in v)} s -> median {med[k]:.2f} s, "
+              f"best {best[k]:.2f} s")
+    print(f".bin audit: {len(report.matrices)} matrices, status "
+          f"{dict((k, v) for k, v in report.status_counts().items() if v)}")
+    print(f"ratios (.bin / safetensors, medians, one run): biopsy audit "
+          f"{med['audit bin'] / med['audit st']:.2f} | plain read "
+          f"{med['plain bin'] / med['plain st']:.2f} | audit/plain: safetensors "
+          f"{med['audit st'] / med['plain st']:.2f}, .bin {med['audit bin'] / med['plain bin']:.2f}"
+          f" | peak RSS {rss['bin'] / 1e9:.2f} vs {rss['safetensors'] / 1e9:.2f} GB "
+          f"(torch.load without mmap: {rss_full / 1e9:.2f} GB)")
+    print("load average at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"ratios of the best times: biopsy audit {best['audit bin'] / best['audit st']:.2f} | "
+          f"plain read {best['plain bin'] / best['plain st']:.2f} | audit/plain: safetensors "
+          f"{best['audit st'] / best['plain st']:.2f}, .bin "
+          f"{best['audit bin'] / best['plain bin']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4,
@@ -187,11 +283,16 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the checkpoint (and reuse one already in --dir)")
+    ap.add_argument("--pytorch", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the PyTorch .bin path side by side (default on)")
+    ap.add_argument("--only-pytorch", action="store_true",
+                    help="run only the .bin vs safetensors comparison")
     args = ap.parse_args()
     layers = max(1, min(BLOCKS, args.layers))
     root = args.dir or Path(tempfile.mkdtemp(prefix="sg-bench-audit-"))
     folder = root / "tinyllama-shaped"
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     try:
         t0 = time.perf_counter()
         if args.keep and (folder / "model.safetensors.index.json").exists():
@@ -201,6 +302,11 @@ def main() -> None:
             total = write_checkpoint(folder, args.shard_mb * 1_000_000)
             print(f"wrote {len(shard_files(folder))} shards, {total / 1e9:.2f} GB of bf16 "
                   f"in {time.perf_counter() - t0:.1f} s: {folder}")
+
+        if args.pytorch or args.only_pytorch:
+            pytorch_section(folder, root, args.keep, args.repeat)
+            if args.only_pytorch:
+                return
 
         rss_secs, rss = peak_rss_biopsy(folder)
         print(f"biopsy audit in a child process: {rss_secs:.2f} s (incl. start-up), "
