@@ -877,7 +877,7 @@ def calibration_text(cal: Calibration, out: str | Path | None) -> str:
     """The paragraph printed under the table."""
     sa = cal.self_audit
     flagged = sum(sa.flagged.values())
-    where = f"Wrote {out}. " if out is not None else ""
+    where = f"Wrote {out}. " if out is not None else "Nothing written. "
     text = (f"{where}Rule: floors P{cal.rule.floor_percentile:g} x {cal.rule.floor_margin:g}, "
             f"ceilings P{cal.rule.ceiling_percentile:g} x {cal.rule.ceiling_margin:g}; groups "
             f"with fewer than {cal.rule.min_group} matrices use the global rule. "
