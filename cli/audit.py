@@ -22,9 +22,11 @@ from .common import (
     stdout_console,
 )
 
-HELP = """Audit safetensors checkpoints for rank collapse, ill-conditioning and corruption.
+HELP = """Audit checkpoints for rank collapse, ill-conditioning and corruption.
 
-PATH is a .safetensors file, a *.safetensors.index.json, or a folder holding either.
+PATH is a .safetensors file, a PyTorch .pt/.bin/.pth/.ckpt file (zip format, loaded
+weights-only), a *.safetensors.index.json or pytorch_model.bin.index.json, or a folder holding
+any of these (safetensors preferred).
 See docs/audit.md for the status rules and the JSON schema.
 
 """ + exit_codes_help("healthy: no matrix fails the --fail-on policy",
@@ -90,7 +92,7 @@ def audit_command(
     debug: bool = typer.Option(False, "--debug", help="On an internal error, print the "
                                "traceback too."),
 ) -> None:
-    """Audit safetensors checkpoints for rank collapse, ill-conditioning and corruption."""
+    """Audit checkpoints for rank collapse, ill-conditioning and corruption."""
     from spectral_guard.auditing import audit
     from spectral_guard.checkpoint import CheckpointError
     from spectral_guard.report import render_csv, render_json, render_text

@@ -189,7 +189,7 @@ class Source:
                "files": [] if self.in_memory else [str(f.path) for f in self.files],
                "tensors": sum(len(f.tensors) for f in self.files),
                "bytes": sum(f.size for f in self.files),
-               "format": formats[0] if len(formats) == 1 else formats,
+               "format": formats[0] if len(formats) == 1 else "mixed",
                "notes": list(self.notes)}
         keys = [f.state_dict_key for f in self.files
                 if isinstance(f, TensorCollection) and f.state_dict_key]
