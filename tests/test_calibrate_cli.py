@@ -10,6 +10,7 @@ import torch
 from calibrate_family import family  # noqa: F401  (session fixture)
 from safetensors.torch import save_file
 from spectral_guard.cli.main import app
+from test_cli_conventions import one_line_error
 from typer.testing import CliRunner
 
 from spectral_guard.thresholds import SCHEMA_VERSION, load_thresholds
@@ -22,12 +23,7 @@ def cli(*args):
 
 
 def assert_one_line_error(result, needle: str, code: int = 2) -> None:
-    assert result.exit_code == code, result.output
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and needle in err, err
-    assert "Traceback" not in result.output and "╭" not in result.output
-    assert result.stdout == ""
+    one_line_error(result, code, needle)
 
 
 @pytest.fixture(scope="module")
