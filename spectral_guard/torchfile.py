@@ -59,7 +59,9 @@ def check_zip(path: Path, size: int) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # BadZipFile, but also UnicodeDecodeError, struct.error, ...
         raise _fail(path, f"truncated or corrupt zip archive ({_one_line(str(exc))}); "
                     "was the file copied completely?") from None
     if not any(i.filename.endswith("data.pkl") for i in infos):
@@ -92,7 +94,9 @@ def _load(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise _refusal(path, exc) from None
-    except (RuntimeError, ValueError, OSError, EOFError, KeyError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # a corrupt pickle can fail in many ways: all are input errors
         first = _one_line(str(exc).split(". ")[0]) or type(exc).__name__
         raise _fail(path, f"cannot load the PyTorch checkpoint: {first}") from None
 

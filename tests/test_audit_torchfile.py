@@ -273,3 +273,25 @@ def test_trained_model_bin_flags_injected_damage(tmp_path):
     report = audit(tmp_path / "model.bin")
     assert [m.name for m in report.failing] == [bad]
     assert {m.dtype for m in report.matrices} == {"BF16"}
+
+
+def test_corrupted_bytes_are_input_errors_or_findings(tmp_path):
+    # overwrite a byte range anywhere in a real file: the audit either reads it (the values
+    # changed: a report) or fails with a one-line CheckpointError, never another exception
+    good = tmp_path / "good.pt"
+    torch.save({"a.weight": torch.randn(48, 32), "b.weight": torch.randn(32, 40)}, good)
+    data = good.read_bytes()
+    gen = torch.Generator().manual_seed(0)
+    outcomes = set()
+    for i in range(40):
+        start = int(torch.randint(0, len(data) - 16, (1,), generator=gen))
+        junk = bytes(torch.randint(0, 256, (16,), generator=gen).tolist())
+        bad = tmp_path / f"bad{i}.pt"
+        bad.write_bytes(data[:start] + junk + data[start + 16:])
+        try:
+            audit(bad)
+            outcomes.add("report")
+        except CheckpointError as exc:
+            assert "\n" not in str(exc) and str(bad) in str(exc)
+            outcomes.add("error")
+    assert outcomes == {"report", "error"}
