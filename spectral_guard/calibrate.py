@@ -323,10 +323,10 @@ class RandomCheck:
     def looks_random(self) -> bool:
         return self.judged > 0 and self.fraction > RANDOM_FRACTION
 
-    def message(self) -> str:
+    def message(self, subject: str = "the references") -> str:
         return (f"{self.mp_like} of {self.judged} matrices have Marchenko-Pastur spectra "
-                f"(top edge <= {MP_EDGE_MAX}, effective rank >= {MP_ERANK_MIN} of MP's): the "
-                "references look randomly initialized, and thresholds learned from them fit no "
+                f"(top edge <= {MP_EDGE_MAX}, effective rank >= {MP_ERANK_MIN} of MP's): "
+                f"{subject} look randomly initialized, and thresholds learned from them fit no "
                 "trained model")
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -801,12 +801,12 @@ def _thresholds_from_model(model: nn.Module, *, seed: int, limit: int, rule: Cal
     info["random_weights"] = check.to_json_dict()
     if check.looks_random:
         if not allow_random:
-            warnings.warn(check.message() + "; using the shipped default thresholds "
+            warnings.warn(check.message("the model's weights") + "; using the shipped default thresholds "
                           "(allow_random=True learns from them anyway)",
                           RandomWeightsWarning, stacklevel=3)
             info["thresholds"] = "shipped defaults (weights look random)"
             return shipped
-        warnings.warn(check.message() + "; learning from them anyway (allow_random=True)",
+        warnings.warn(check.message("the model's weights") + "; learning from them anyway (allow_random=True)",
                       RandomWeightsWarning, stacklevel=3)
     if not results:
         info["thresholds"] = "shipped defaults (no matrix to measure)"
