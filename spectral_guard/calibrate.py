@@ -798,16 +798,17 @@ def _thresholds_from_model(model: nn.Module, *, seed: int, limit: int, rule: Cal
         return shipped
     results = measure_model(model, limit=limit, seed=seed)
     check = random_check(results)
+    subject = "the model's weights"
     info["random_weights"] = check.to_json_dict()
     if check.looks_random:
         if not allow_random:
-            warnings.warn(check.message("the model's weights") + "; using the shipped default thresholds "
-                          "(allow_random=True learns from them anyway)",
+            warnings.warn(check.message(subject) + "; using the shipped default "
+                          "thresholds (allow_random=True learns from them anyway)",
                           RandomWeightsWarning, stacklevel=3)
             info["thresholds"] = "shipped defaults (weights look random)"
             return shipped
-        warnings.warn(check.message("the model's weights") + "; learning from them anyway (allow_random=True)",
-                      RandomWeightsWarning, stacklevel=3)
+        warnings.warn(check.message(subject) + "; learning from them anyway "
+                      "(allow_random=True)", RandomWeightsWarning, stacklevel=3)
     if not results:
         info["thresholds"] = "shipped defaults (no matrix to measure)"
         return shipped
