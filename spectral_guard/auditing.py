@@ -632,6 +632,9 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
         th_source = "default" if thresholds is None else str(thresholds)
     if dtensor not in ("full", "local"):
         raise ValueError(f"dtensor={dtensor!r}: use 'full' or 'local'")
+    if isinstance(path, (list, tuple)) and any(
+            isinstance(p, (torch.nn.Module, Mapping)) for p in path):
+        raise ValueError("pass one model or state_dict at a time (lists are for paths)")
     t0 = time.perf_counter()
     with torch.no_grad():
         ckpt: Checkpoint = (open_in_memory(path, dtensor)

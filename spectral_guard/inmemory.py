@@ -21,7 +21,8 @@ function, so :func:`spectral_guard.audit` streams them exactly as it streams a f
   model, the same on every rank; ``"local"`` audits this rank's shard (``to_local()``, no
   communication), reported under the parameter's name with the shard's shape.
 * Meta tensors and non-dense layouts are skipped with the reason; entries that are not tensors
-  are skipped too.
+  are skipped too. A mapping that is a loaded checkpoint rather than a state_dict (e.g. a
+  Lightning ``.ckpt`` dict) is searched with :func:`find_state_dict`, as PyTorch files are.
 """
 
 from __future__ import annotations
@@ -32,9 +33,20 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TORCH_TO_DTYPE, Checkpoint, Source, TensorCollection, TensorInfo
+from .checkpoint import (
+    TORCH_TO_DTYPE,
+    Checkpoint,
+    CheckpointError,
+    Source,
+    TensorCollection,
+    TensorInfo,
+)
 
 DTENSOR_MODES = ("full", "local")
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+"""Keys under which checkpoints commonly keep the state_dict (Lightning: ``state_dict``;
+DeepSpeed: ``module``; many training scripts: ``model`` or ``model_state_dict``)."""
 
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
 _WRAPPER_PARTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.|$)")
@@ -131,6 +143,36 @@ def tensor_entries(state: Mapping, file: Path, *, mapped: bool = False,
     return out
 
 
+def _is_state_dict(obj: object) -> bool:
+    """A mapping of names to tensors (non-tensor leaves allowed, nested containers not)."""
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    values = list(obj.values())
+    return (any(isinstance(v, torch.Tensor) for v in values)
+            and not any(isinstance(v, (Mapping, list, tuple)) for v in values))
+
+
+def find_state_dict(obj: object, path: Path) -> tuple[Mapping, str | None]:
+    """The state_dict inside a loaded checkpoint, and the key path it was under (or None)."""
+    if _is_state_dict(obj):
+        return obj, None
+    if isinstance(obj, Mapping):
+        for key in WRAPPER_KEYS:
+            inner = obj.get(key)
+            if _is_state_dict(inner):
+                return inner, key
+            if isinstance(inner, Mapping):
+                for key2 in WRAPPER_KEYS:
+                    if _is_state_dict(inner.get(key2)):
+                        return inner[key2], f"{key}.{key2}"
+        keys = ", ".join(repr(k) for k in list(obj)[:6]) + (", ..." if len(obj) > 6 else "")
+        raise CheckpointError(f"{path}: no state_dict found: expected a mapping of names to "
+                              f"tensors, or one under {', '.join(map(repr, WRAPPER_KEYS))} "
+                              f"(top-level keys: {keys or 'none'})")
+    raise CheckpointError(f"{path}: no state_dict found: the file holds a "
+                          f"{type(obj).__name__}, not a mapping of names to tensors")
+
+
 def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module inside DDP/DataParallel and ``torch.compile`` wrappers."""
     while True:
@@ -151,8 +193,9 @@ def open_in_memory(obj: torch.nn.Module | Mapping, dtensor: str = "full") -> Che
         model = unwrap_module(obj)
         label, kind = Path(f"<model {type(model).__name__}>"), "model"
         state: Mapping = dict(model.named_parameters(remove_duplicate=False))
-    else:
-        label, kind, state = Path("<state_dict>"), "state_dict", obj
+    else:  # a state_dict, or a loaded checkpoint holding one (e.g. a Lightning dict)
+        label, kind = Path("<state_dict>"), "state_dict"
+        state, key = find_state_dict(obj, label)
     entries = tensor_entries(state, label, dtensor=dtensor)
     notes = []
     if any(is_dtensor(v) for v in state.values()):

@@ -14,8 +14,9 @@ Before ``torch.load`` sees the file, its zip structure is checked with :mod:`zip
 directory present, entries stored uncompressed and inside the file, a ``data.pkl`` record), so a
 truncated or corrupt archive gets a precise one-line error. Legacy (non-zip) pickles cannot be
 memory-mapped and are refused. The state_dict is then found in the loaded object: the object
-itself when it maps names to tensors, else under one of :data:`WRAPPER_KEYS` (Lightning's
-``state_dict``, ``model``, ``module``, ...), one or two levels down.
+itself when it maps names to tensors, else under one of
+:data:`~spectral_guard.inmemory.WRAPPER_KEYS` (Lightning's ``state_dict``, ``model``,
+``module``, ...), one or two levels down.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -36,11 +36,7 @@ from .checkpoint import (
     is_zip,
     require_file,
 )
-from .inmemory import tensor_entries
-
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
-"""Keys under which checkpoints commonly keep the state_dict (Lightning: ``state_dict``;
-DeepSpeed: ``module``; many training scripts: ``model`` or ``model_state_dict``)."""
+from .inmemory import find_state_dict, tensor_entries
 
 
 def _fail(path: Path, what: str) -> CheckpointError:
@@ -99,36 +95,6 @@ def _load(path: Path) -> object:
     except Exception as exc:  # a corrupt pickle can fail in many ways: all are input errors
         first = _one_line(str(exc).split(". ")[0]) or type(exc).__name__
         raise _fail(path, f"cannot load the PyTorch checkpoint: {first}") from None
-
-
-def _is_state_dict(obj: object) -> bool:
-    """A mapping of names to tensors (non-tensor leaves allowed, nested containers not)."""
-    if not isinstance(obj, Mapping) or not obj:
-        return False
-    values = list(obj.values())
-    return (any(isinstance(v, torch.Tensor) for v in values)
-            and not any(isinstance(v, (Mapping, list, tuple)) for v in values))
-
-
-def find_state_dict(obj: object, path: Path) -> tuple[Mapping, str | None]:
-    """The state_dict inside a loaded checkpoint, and the key path it was under (or None)."""
-    if _is_state_dict(obj):
-        return obj, None
-    if isinstance(obj, Mapping):
-        for key in WRAPPER_KEYS:
-            inner = obj.get(key)
-            if _is_state_dict(inner):
-                return inner, key
-            if isinstance(inner, Mapping):
-                for key2 in WRAPPER_KEYS:
-                    if _is_state_dict(inner.get(key2)):
-                        return inner[key2], f"{key}.{key2}"
-        keys = ", ".join(repr(k) for k in list(obj)[:6]) + (", ..." if len(obj) > 6 else "")
-        raise _fail(path, "no state_dict found: expected a mapping of names to tensors, or one "
-                    f"under {', '.join(repr(k) for k in WRAPPER_KEYS)} "
-                    f"(top-level keys: {keys or 'none'})")
-    raise _fail(path, f"no state_dict found: the file holds a {type(obj).__name__}, not a "
-                "mapping of names to tensors")
 
 
 def load_torch_file(path: str | Path) -> TensorCollection:

@@ -151,6 +151,10 @@ def test_meta_model_and_bad_options():
         audit(model)
     with pytest.raises(ValueError, match="dtensor"):
         audit(torch.nn.Linear(8, 8), dtensor="gather")
+    with pytest.raises(ValueError, match="one model or state_dict at a time"):
+        audit([torch.nn.Linear(8, 8)])
+    with pytest.raises(CheckpointError, match="no state_dict found"):
+        audit({"epoch": 3, "optimizer": {"lr": 0.1}})
     report = audit({"w": torch.randn(16, 16), "n": torch.arange(4), "s": "text"})
     assert {s.name: s.reason for s in report.skipped}["s"] == "not a tensor (str)"
 

@@ -149,6 +149,8 @@ def test_lightning_checkpoint(tmp_path):
     live = audit(net, mode="exact")  # the trained module itself: the same values
     for (name, got), want in zip(summary(report).items(), summary(live).values(), strict=True):
         assert got[:3] == want[:3] and got[3:] == pytest.approx(want[3:], rel=1e-6), name
+    loaded = torch.load(ckpts[0], weights_only=True)  # the whole Lightning dict, in memory
+    assert summary(audit(loaded, mode="exact")) == summary(report)
     r = run(ckpts[0], "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["sources"][0]["format"] == "pytorch"
