@@ -405,7 +405,7 @@ def build_thresholds(results: Sequence[MatrixResult], rule: CalibrationRule,
     measured = [m for m in results if m.nonfinite == 0 and m.sigma_max is not None]
     glob_learned = learn_absolute(measured, rule, min_dim)
     glob_guard = (retention or {}).get("*", {})
-    glob = GroupCalibration("*", "", len(measured), False, glob_learned, glob_guard)
+    glob = GroupCalibration("global", "", len(measured), False, glob_learned, glob_guard)
     default = replace(shipped.default, **_values(glob_learned), **_values(glob_guard))
     groups: list[GroupCalibration] = []
     out_groups = []
@@ -632,8 +632,9 @@ def calibrate(references: str | Path | Sequence[str | Path], *, mode: str = "bio
         "random_weights": check.to_json_dict(),
     }
     thresholds, glob, groups = build_thresholds(results, rule, retention, provenance)
-    provenance["groups"] = {g.name: {"matrices": g.matrices, "fallback": g.fallback}
-                            for g in groups}
+    thresholds = replace(thresholds, provenance={
+        **thresholds.provenance,
+        "groups": {g.name: g.to_json_dict() for g in (glob, *groups)}})
     for g in groups:
         if g.fallback and g.matrices:
             notes.append(f"group {g.name}: {g.matrices} matri{'x' if g.matrices == 1 else 'ces'}"
@@ -863,7 +864,7 @@ def calibration_table(cal: Calibration):  # -> rich.table.Table
     if cal.run:
         table.add_column("erank retention", justify="right")
     for g in [cal.glob, *cal.groups]:
-        label = "global" if g.name == "*" else g.name
+        label = g.name
         cells = [_cell(g.learned.get(f), g.fallback) for f in SUMMARY_FIELDS]
         row = [label, str(g.matrices), *cells]
         if cal.run:

@@ -276,6 +276,13 @@ def test_provenance_records_references_hashes_and_settings(family, calibration):
                             "ceiling_percentile": 90.0, "ceiling_margin": 1.5, "min_group": 8}
     assert prov["created"].endswith("Z") and prov["created"][:4].isdigit()
     assert "shipped defaults" in prov["guard_fields"]
+    att = prov["groups"]["attention"]
+    assert att["matrices"] == 24 and not att["fallback"]
+    srm = att["thresholds"]["stable_rank_min"]
+    assert (srm["percentile"], srm["margin"]) == (10.0, 0.8)
+    assert srm["value"] == calibration.thresholds.rule_for("x.self_attn.q_proj.weight"
+                                                           ).stable_rank_min
+    assert prov["groups"]["heads"]["fallback"] and prov["groups"]["global"]["matrices"] == 45
     assert [r["path"] for r in prov["references"]] == [str(p) for p in family.references]
     for ref, path in zip(prov["references"], family.references, strict=True):
         (entry,) = ref["files"]
