@@ -58,9 +58,9 @@ from .checkpoint import (
 from .estimators import (
     batched_singular_values,
     biopsy_indices,
-    gram_singular_values,
     intra_op_threads,
     name_seed,
+    singular_values_at,
     spectral_metrics,
     spectral_metrics_batched,
 )
@@ -496,10 +496,11 @@ def _singular_values(M: torch.Tensor) -> torch.Tensor:
     ``s_1 / s_i ~ 1e6``, beyond the rank tolerance at which kappa is reported as ``inf``.
     Otherwise (F64 storage, or larger): ``torch.linalg.svdvals``.
     """
-    if M.dtype == torch.float64 or max(M.shape) > SMALL_SVD:
-        return torch.linalg.svdvals(M.to(torch.float64 if M.dtype == torch.float64
-                                         else torch.float32))
-    return gram_singular_values(M, torch.float64)
+    if M.dtype == torch.float64:
+        return singular_values_at(M, torch.float64, "svd")
+    if max(M.shape) > SMALL_SVD:
+        return singular_values_at(M, torch.float32, "svd")
+    return singular_values_at(M, torch.float64, "gram")
 
 
 BIOPSY_WORKERS = 2
