@@ -133,6 +133,10 @@ def tensor_entries(state: Mapping, file: Path, *, mapped: bool = False,
             out.append(TensorInfo(name, type(value).__name__, (), 0, 0, file,
                                   skip=f"not a tensor ({type(value).__name__})"))
             continue
+        if isinstance(value, torch.nn.parameter.UninitializedTensorMixin):
+            out.append(TensorInfo(name, "uninitialized", (), 0, 0, file,
+                                  skip="uninitialized (lazy) parameter: no values yet"))
+            continue
         key = _alias_key(value)
         if key in seen:
             out.append(TensorInfo(name, dtype_name(value.dtype), tuple(value.shape), 0, 0, file,

@@ -157,6 +157,9 @@ def test_meta_model_and_bad_options():
         audit({"epoch": 3, "optimizer": {"lr": 0.1}})
     report = audit({"w": torch.randn(16, 16), "n": torch.arange(4), "s": "text"})
     assert {s.name: s.reason for s in report.skipped}["s"] == "not a tensor (str)"
+    lazy = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LazyLinear(4))
+    skipped = {s.name: s.reason for s in audit(lazy).skipped}
+    assert skipped["1.weight"].startswith("uninitialized (lazy) parameter")
 
 
 @pytest.mark.parametrize("shape", [(300, 200), (3, 64, 96)])
