@@ -221,22 +221,31 @@ def fit_esd(W: torch.Tensor) -> EsdFit:
     return EsdFit(eigs, alpha, xmin, n_tail, (int(W.shape[0]), int(W.shape[1])))
 
 
-def plot_esd(fit: EsdFit, path: str | Path, name: str = "") -> Path:
-    """Log-log ESD (density over log-spaced bins), the fitted tail ``p(x) ~ x^-alpha`` from
-    ``xmin`` and a line at ``xmin``; returns ``path``."""
-    ev = fit.eigenvalues
+def esd_density(fit: EsdFit) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(edges, density)`` of the ESD over log-spaced bins from the smallest to the largest
+    eigenvalue (10 to 60 bins): ``sum(density * widths) == 1``."""
+    ev = fit.eigenvalues.cpu()
     if ev.numel() < 2:
         raise ValueError("fewer than 2 non-zero eigenvalues: nothing to draw")
-    fig, axes = _figure(1, 5.0)
-    ax = axes[0]
     lo, hi = float(ev[0]), float(ev[-1])
     if hi <= lo:
         hi = lo * 1.01
-    bins = torch.logspace(math.log10(lo), math.log10(hi), steps=min(60, max(10, ev.numel() // 4))
-                          + 1, dtype=torch.float64)
-    counts = torch.histogram(ev.cpu(), bins=bins).hist  # log-spaced edges
-    density = counts / (ev.numel() * (bins[1:] - bins[:-1]))
-    ax.stairs(density.numpy(), bins.numpy(), fill=True, alpha=0.45, color="tab:blue",
+    n_bins = min(60, max(10, ev.numel() // 4))
+    edges = torch.logspace(math.log10(lo), math.log10(hi), n_bins + 1, dtype=torch.float64)
+    edges[0], edges[-1] = lo, hi  # exact ends: logspace rounding must not drop an eigenvalue
+    counts = torch.histogram(ev, bins=edges).hist
+    return edges, counts / (ev.numel() * (edges[1:] - edges[:-1]))
+
+
+def plot_esd(fit: EsdFit, path: str | Path, name: str = "") -> Path:
+    """Log-log ESD (density over log-spaced bins, :func:`esd_density`), the fitted tail
+    ``p(x) ~ x^-alpha`` from ``xmin`` and a line at ``xmin``; returns ``path``."""
+    ev = fit.eigenvalues
+    edges, density = esd_density(fit)
+    hi = float(edges[-1])
+    fig, axes = _figure(1, 5.0)
+    ax = axes[0]
+    ax.stairs(density.numpy(), edges.numpy(), fill=True, alpha=0.45, color="tab:blue",
               label=f"ESD ({ev.numel()} eigenvalues)")
     if math.isfinite(fit.alpha):
         x = torch.logspace(math.log10(fit.xmin), math.log10(hi), 100, dtype=torch.float64)
@@ -267,7 +276,8 @@ def plot_guard_history(guard: Any, path: str | Path) -> Path:
 
     Panels over the optimizer steps: effective-rank retention (with each distinct floor of the
     guarded layers as a dashed line), stable-rank retention, and lambda. One line per layer,
-    coloured by role; a check that fired (an intervention) is a red cross.
+    coloured per layer (up to 10 layers, named in the legend) or by role; a check that fired
+    (an intervention, for any of the layer's rules) is a red cross.
     """
     records = list(guard.history)
     if not records:
@@ -276,21 +286,26 @@ def plot_guard_history(guard: Any, path: str | Path) -> Path:
     for rec in records:
         by_layer.setdefault(rec["layer"], []).append(rec)
     fig, axes = _figure(3, 8.5)
-    panels = (("effective_rank_retention", "effective-rank\nretention", False),
-              ("stable_rank_retention", "stable-rank\nretention", False),
-              ("lambda", "lambda", False))
-    seen_roles: set[str] = set()
-    for ax, (field, label, _) in zip(axes, panels, strict=True):
-        for name, recs in by_layer.items():
+    panels = (("effective_rank_retention", "effective-rank\nretention"),
+              ("stable_rank_retention", "stable-rank\nretention"),
+              ("lambda", "lambda"))
+    # up to 10 layers: one colour and legend entry per layer; more: one colour per role
+    per_layer = len(by_layer) <= 10
+    labelled: set[str] = set()
+    for ax, (field, label) in zip(axes, panels, strict=True):
+        for i, (name, recs) in enumerate(by_layer.items()):
             role = _role(f"{name}.weight")
-            color = ROLE_STYLE[role][0]
+            color = f"C{i}" if per_layer else ROLE_STYLE[role][0]
+            key = name if per_layer else role
             pts = [(r["step"], r[field]) for r in recs if _finite(r.get(field))]
             if not pts:
                 continue
-            first = role not in seen_roles and field == panels[0][0]
-            seen_roles.add(role)
-            ax.plot(*zip(*pts, strict=True), color=color, alpha=0.65, linewidth=1.1,
-                    marker=".", markersize=3, label=ROLE_STYLE[role][2] if first else None)
+            legend = None
+            if key not in labelled and field == panels[0][0]:
+                labelled.add(key)
+                legend = name if per_layer else ROLE_STYLE[role][2]
+            ax.plot(*zip(*pts, strict=True), color=color, alpha=0.75, linewidth=1.1,
+                    marker=".", markersize=3, label=legend)
             fired = [(r["step"], r[field]) for r in recs if r.get("triggered")
                      and _finite(r.get(field))]
             if fired:
@@ -318,4 +333,5 @@ def plot_guard_history(guard: Any, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-__all__ = ["EsdFit", "ROLE_STYLE", "fit_esd", "plot_audit", "plot_esd", "plot_guard_history"]
+__all__ = ["EsdFit", "ROLE_STYLE", "esd_density", "fit_esd", "plot_audit", "plot_esd",
+           "plot_guard_history"]
