@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -47,6 +48,29 @@ def always_firing() -> Thresholds:
     data = load_thresholds().to_dict()
     data["default"]["effective_rank_retention_min"] = 2.0
     return Thresholds.from_dict(data)
+
+
+def trained_guard(steps: int, after_step: Callable[[Any], None] | None = None) -> Any:
+    """A guard on a 3-layer MLP after ``steps`` SGD steps, every layer checked at every step
+    and treated (:func:`always_firing`); ``after_step(guard)`` runs after each step."""
+    import torch.nn as nn
+
+    import spectral_guard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 48), nn.GELU(),
+                          nn.Linear(48, 4))
+    guard = spectral_guard.instrument(model, ratio=1.0, thresholds=always_firing())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+        (nn.functional.cross_entropy(model(x), y) + guard.penalty()).backward()
+        opt.step()
+        opt.zero_grad()
+        if after_step is not None:
+            after_step(guard)
+    return guard
 
 
 def assert_same_state(a: Any, b: Any, where: str = "state") -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from test_integration_extras import always_firing, doc_example, require
+from test_integration_extras import doc_example, require, trained_guard
 from typer.testing import CliRunner
 
 require("matplotlib")
@@ -154,24 +154,8 @@ def test_esd_stacked_experts_and_conv_kernels(tmp_path):
     assert conv.exit_code == 0 and json.loads(conv.stdout)["shape"] == [8, 36]
 
 
-def _trained_guard(steps: int = 6):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 48), nn.GELU(),
-                          nn.Linear(48, 4))
-    guard = spectral_guard.instrument(model, ratio=1.0, thresholds=always_firing())
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
-        loss = nn.functional.cross_entropy(model(x), y) + guard.penalty()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model, guard
-
-
 def test_guard_plot_draws_the_history(tmp_path, single_thread):
-    model, guard = _trained_guard()
+    guard = trained_guard(6)
     assert len(guard.history) > 0 and any(r["triggered"] for r in guard.history)
     out = tmp_path / "history.png"
     guard.plot(out)
@@ -203,7 +187,7 @@ def test_docs_plot_commands_run_as_written(tmp_path, monkeypatch):
 
 def test_docs_guard_plot_example_runs_as_written(tmp_path, monkeypatch, single_thread):
     monkeypatch.chdir(tmp_path)
-    _, guard = _trained_guard(3)
+    guard = trained_guard(3)
     exec(compile(doc_example("guard-plot"), "docs/integrations.md", "exec"), {"guard": guard})
     assert_image(tmp_path / "guard_history.png")
 

@@ -7,15 +7,13 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from test_integration_extras import always_firing, doc_example, require
+from test_integration_extras import doc_example, require, trained_guard
 from torch.utils.data import DataLoader, TensorDataset
 
 require("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-import spectral_guard  # noqa: E402
 from spectral_guard.integrations.tensorboard import LAYER_SCALARS, log_guard  # noqa: E402
 
 KEYS = ("interventions", "treated_layers", "min_effective_rank_retention",
@@ -28,26 +26,9 @@ def events(logdir: Path) -> EventAccumulator:
     return acc
 
 
-def trained(steps: int, writer=None):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 48), nn.GELU(),
-                          nn.Linear(48, 4))
-    guard = spectral_guard.instrument(model, ratio=1.0, thresholds=always_firing())
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
-        (nn.functional.cross_entropy(model(x), y) + guard.penalty()).backward()
-        opt.step()
-        opt.zero_grad()
-        if writer is not None:
-            guard.log_to(writer, guard.global_step)
-    return guard
-
-
 def test_log_to_writes_metrics_layer_scalars_and_histogram(tmp_path, single_thread):
     with SummaryWriter(str(tmp_path)) as writer:
-        guard = trained(4, writer)
+        guard = trained_guard(4, lambda g: g.log_to(writer, g.global_step))
     acc = events(tmp_path)
     tags = acc.Tags()
     metrics = guard.metrics()
@@ -75,7 +56,7 @@ def test_log_to_writes_metrics_layer_scalars_and_histogram(tmp_path, single_thre
 
 
 def test_log_to_a_directory_opens_and_closes_a_writer(tmp_path, single_thread):
-    guard = trained(2)
+    guard = trained_guard(2)
     log_guard(guard, tmp_path / "run", step=7)
     acc = events(tmp_path / "run")
     assert [e.step for e in acc.Scalars("spectral_guard/interventions")] == [7]

@@ -37,7 +37,7 @@ def guard_history(path: Path, steps: int = 120) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(512, 32, generator=g)
     y = torch.tanh(x[:, :8] * 3)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, 512, (64,), generator=g)
         loss = nn.functional.mse_loss(model(x[idx]), y[idx]) + guard.penalty()
         loss.backward()
