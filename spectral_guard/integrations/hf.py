@@ -71,6 +71,11 @@ def _find_callers() -> tuple[Any, Any, Any]:
     return handler, trainer, resume
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal, counting NaN equal to NaN (a NaN loss is logged as such)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
 class SpectralGuardCallback(TrainerCallback):
     """Guard a ``Trainer``'s model during ``trainer.train()``; see ``docs/integrations.md``.
 
@@ -170,8 +175,8 @@ class SpectralGuardCallback(TrainerCallback):
         metrics = guard_metrics(self.guard)
         history = state.log_history
         if history and history[-1].get("step") == state.global_step and \
-                all(history[-1].get(k) == v for k, v in logs.items()):
-            history[-1].update(metrics)
+                all(_same(history[-1].get(k), v) for k, v in logs.items()):
+            history[-1].update(metrics)  # the entry the Trainer just recorded from ``logs``
         logs.update(metrics)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
