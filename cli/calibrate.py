@@ -24,16 +24,14 @@ from .common import (
     stdout_console,
 )
 
-HELP = """Learn a thresholds file from healthy reference checkpoints.
-
-REF is what audit takes: a .safetensors file, a *.safetensors.index.json, or a folder holding
-either; give several. Each role group (attention, mlp, embeddings, heads, other) gets floors
-P10 x 0.8 (stable rank, its ratio, effective-rank ratio, alpha) and ceilings P90 x 1.5
-(condition number, alpha). The file works with audit --thresholds and instrument(model, FILE).
-See docs/calibration.md.
-
-""" + exit_codes_help("thresholds written", "the references look randomly initialized: "
-                      "nothing written (--allow-random proceeds)")
+HELP = ("Learn a thresholds file from healthy reference checkpoints.\n\n"
+        "REF is what audit takes: a .safetensors file, a *.safetensors.index.json, or a folder "
+        "holding either; give several. Each role group (attention, mlp, embeddings, heads, "
+        "other) gets floors P10 x 0.8 (stable rank, its ratio, effective-rank ratio, alpha) and "
+        "ceilings P90 x 1.5 (condition number, alpha). The file works with audit --thresholds "
+        "and instrument(model, FILE). See docs/calibration.md.\n\n"
+        + exit_codes_help("thresholds written", "the references look randomly "
+                          "initialized: nothing written (--allow-random proceeds)"))
 
 
 def calibrate_command(

@@ -54,8 +54,8 @@ class OneLineErrorGroup(TyperGroup):
                 hint = ""
             typer.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
             raise SystemExit(exc.exit_code if exc.exit_code else EXIT_USAGE) from None
-        except exc_types.Abort:
-            typer.echo("error: interrupted", err=True)
+        except typer.Abort:  # Click's EOF on a prompt; this CLI never prompts
+            typer.echo("error: aborted", err=True)
             raise SystemExit(EXIT_INTERRUPTED) from None
         raise SystemExit(rv if isinstance(rv, int) else 0)
 
