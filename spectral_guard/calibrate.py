@@ -573,7 +573,8 @@ def calibrate(references: str | Path | Sequence[str | Path], *, mode: str = "bio
     """Learn thresholds from healthy reference checkpoints (see the module docstring).
 
     ``references``: the inputs :func:`spectral_guard.audit` takes (files, sharded indexes,
-    folders), one audit per reference. ``run``: the references are successive checkpoints of
+    folders; models and state_dicts in memory, which have no file to hash), one audit per
+    reference. ``run``: the references are successive checkpoints of
     one training run, earliest first (derives the guard's retention floors). Raises
     :class:`~spectral_guard.checkpoint.CheckpointError` / ``ValueError`` with one-line messages
     for unusable input. Never writes anything: see :meth:`Thresholds.save`.
@@ -590,7 +591,8 @@ def calibrate(references: str | Path | Sequence[str | Path], *, mode: str = "bio
     reports: list[Report] = []
     provenance_refs: list[dict[str, Any]] = []
     for ref in refs:
-        hasher = _Hasher(_reference_files(ref))
+        on_disk = isinstance(ref, (str, Path))
+        hasher = _Hasher(_reference_files(ref) if on_disk else [])
         hasher.start()
         try:
             report = audit(ref, mode=mode, limit=limit, seed=seed, include=include,
@@ -601,7 +603,8 @@ def calibrate(references: str | Path | Sequence[str | Path], *, mode: str = "bio
             raise OSError(hasher.error.errno, f"cannot hash: {hasher.error.strerror}",
                           hasher.error.filename)
         reports.append(report)
-        provenance_refs.append({"path": str(ref), "files": list(hasher.results.values()),
+        where = str(ref) if on_disk else str(report.sources[0].get("path", type(ref).__name__))
+        provenance_refs.append({"path": where, "files": list(hasher.results.values()),
                                 "matrices": len(report.matrices)})
     results = [m for r in reports for m in r.matrices]
     notes: list[str] = []

@@ -332,3 +332,14 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
         calibrate([])
     with pytest.raises(ValueError, match="at least two"):
         calibrate([vectors], run=True)
+
+
+def test_in_memory_references_have_no_file_to_hash(family):  # noqa: F811
+    from safetensors.torch import load_file
+
+    state = load_file(str(family.references[0]))
+    cal = calibrate([family.references[0], state])
+    on_disk, in_memory = cal.references
+    assert on_disk["files"] and in_memory["files"] == []
+    assert in_memory["matrices"] == on_disk["matrices"] == 15
+    assert cal.glob.matrices == 30
