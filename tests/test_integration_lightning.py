@@ -154,6 +154,8 @@ def test_checkpoint_round_trip_restores_the_guard(tmp_path, single_thread):
 
 
 def test_penalty_without_the_callback_is_an_error(tmp_path, single_thread):
+    with pytest.raises(RuntimeError, match="no SpectralGuard callback"):
+        penalty(Classifier())  # not attached to a Trainer
     with pytest.raises(Exception, match="no SpectralGuard callback"):
         make_trainer(tmp_path, 1, [], max_steps=1).fit(Classifier(), loader(4))
 

@@ -94,8 +94,11 @@ def penalty(pl_module: Any) -> torch.Tensor:
     Use it in ``training_step``: ``return loss + penalty(self)``. A zero scalar when nothing
     is pending (e.g. auto-loss already added it, or the module is in eval mode).
     """
-    trainer = getattr(pl_module, "_trainer", None)
-    for callback in getattr(trainer, "callbacks", []) or []:
+    try:
+        trainer = pl_module.trainer
+    except RuntimeError:  # not attached to a Trainer
+        trainer = None
+    for callback in getattr(trainer, "callbacks", None) or []:
         if isinstance(callback, SpectralGuard) and callback.guard is not None:
             return callback.guard.penalty()
     raise RuntimeError("penalty(pl_module): no SpectralGuard callback with an instrumented "
