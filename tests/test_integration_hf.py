@@ -242,6 +242,14 @@ def test_resume_from_a_trainer_checkpoint_restores_the_guard(tmp_path, single_th
     for (n1, p1), (n2, p2) in zip(whole.state_dict().items(), resumed.state_dict().items(),
                                   strict=True):
         assert n1 == n2 and torch.equal(p1, p2), n1
+    # a checkpoint without the guard's file: a warning, and the clock still follows the Trainer
+    (ckpt / STATE_FILE).unlink()
+    cb = SpectralGuardCallback(keep=True, **FIRING)
+    trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path / "run", steps=3),
+                      train_dataset=lm_data(), callbacks=[cb])
+    with pytest.warns(UserWarning, match="without a saved guard state"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    assert cb.guard.global_step == trainer.state.global_step == 3
 
 
 def test_docs_trainer_example_runs_as_written(tmp_path, monkeypatch, single_thread):
