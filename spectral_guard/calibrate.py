@@ -22,7 +22,8 @@ rule learned over every matrix). Hygiene limits (dead units, duplicate rows,
 references are successive checkpoints of one run, earliest first; for every matrix present in
 all of them the drift ``x_k / x_0`` (k >= 1) of effective rank, stable rank and condition number
 is pooled per group and the same floor/ceiling rule applied (retention floors from
-``P_10 * 0.8``, the growth ceiling from ``P_90 * 1.5``). Otherwise they keep the shipped
+``P_10 * 0.8``, the growth ceiling from ``P_90 * 1.5``; a percentile past 1 is taken as 1, since
+a layer starts at retention 1). Otherwise they keep the shipped
 defaults, and the file's provenance says so. Embeddings and output heads are never guarded.
 
 **Random weights.** For an ``m x n`` matrix with i.i.d. entries (any random initialization),
@@ -240,8 +241,25 @@ def learn_retention(runs: Sequence[Sequence[MatrixResult]], rule: CalibrationRul
                     continue
                 for key in (role_group(name), "*"):
                     drift.setdefault(key, {}).setdefault(field_name, []).append(value / base)
-    return {group: {f: _learn(f, values.get(f, []), RETENTION[f][1], rule) for f in RETENTION}
-            for group, values in drift.items()}
+    out = {group: {f: _learn(f, values.get(f, []), RETENTION[f][1], rule) for f in RETENTION}
+           for group, values in drift.items()}
+    for learned in out.values():
+        for f, item in learned.items():
+            _clamp_to_start(item, RETENTION[f][1])
+    return out
+
+
+def _clamp_to_start(item: Learned, kind: str) -> None:
+    """A layer starts at retention (and growth) 1: a floor learned from drifts above 1 is set
+    from 1 (``1 x margin``), a ceiling from drifts below 1 likewise, so the guard never fires on
+    a layer that has not moved."""
+    if item.at_percentile is None or item.value is None:
+        return
+    if (kind == "floor" and item.at_percentile > 1) or (kind == "ceiling"
+                                                        and item.at_percentile < 1):
+        item.value = _round(item.margin)
+        item.note = f"P{item.percentile:g} {item.at_percentile:.4g} is past 1 (no drift): " \
+                    "set from 1"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -312,8 +312,8 @@ def test_run_derives_retention_floors_from_drift(family):  # noqa: F811
     drift = [r_m.effective_rank / first[r_m.name].effective_rank
              for later in reports[1:] for r_m in later if role_group(r_m.name) == "mlp"]
     rule = cal.thresholds.rule_for("model.layers.0.mlp.up_proj.weight")
-    assert rule.effective_rank_retention_min == pytest.approx(np.percentile(drift, 10) * 0.8,
-                                                              rel=1e-3)
+    expected = min(np.percentile(drift, 10), 1.0) * 0.8  # a layer starts at retention 1
+    assert rule.effective_rank_retention_min == pytest.approx(expected, rel=1e-3)
     assert cal.thresholds.rule_for("lm_head.weight").effective_rank_retention_min is None
     assert "derived from a run of 3 checkpoints" in cal.thresholds.provenance["guard_fields"]
     # drift of a matrix against itself is 1: floors are exactly the margin
@@ -343,3 +343,17 @@ def test_in_memory_references_have_no_file_to_hash(family):  # noqa: F811
     assert on_disk["files"] and in_memory["files"] == []
     assert in_memory["matrices"] == on_disk["matrices"] == 15
     assert cal.glob.matrices == 30
+
+
+def test_retention_floor_never_above_the_start(family):  # noqa: F811
+    # a "run" whose later checkpoint has higher effective ranks everywhere (the random init
+    # after a trained model: erank grows) must not give a floor above 1 x margin
+    reports = [spectral_guard.audit(p).matrices for p in (family.references[0],
+                                                          family.references[0])]
+    grown = [m for m in spectral_guard.audit(family.references[0]).matrices]
+    for m in grown:
+        m.effective_rank = m.effective_rank * 1.5 if m.effective_rank else m.effective_rank
+    learned = learn_retention([reports[0], grown], CalibrationRule(min_group=1))
+    item = learned["attention"]["effective_rank_retention_min"]
+    assert item.at_percentile == pytest.approx(1.5)
+    assert item.value == pytest.approx(0.8) and "set from 1" in item.note
