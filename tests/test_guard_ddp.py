@@ -1,7 +1,12 @@
-"""Two DDP ranks (gloo, CPU) make the same guard choices without the guard communicating."""
+"""Two DDP ranks (gloo, CPU) on different data end with identical weights and guard state,
+with either ``broadcast_buffers`` setting and with gradient accumulation under ``no_sync()``;
+a layer collapsed before ``instrument()`` is penalized on both ranks. The guard itself never
+communicates: its choices are functions of (seed, step, layer name) and of the weights, which
+DDP keeps identical."""
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import pytest
@@ -9,8 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+STEPS = 5
 
-def _worker(rank: int, world: int, rdv: str, out_dir: str) -> None:
+
+def _worker(rank: int, world: int, rdv: str, out_dir: str, broadcast: bool, micro: int) -> None:
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -21,41 +28,58 @@ def _worker(rank: int, world: int, rdv: str, out_dir: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=60))
     try:
         model = seeded_model(0, n_layers=2, d=32, seq=16)
+        with torch.no_grad():  # collapsed before instrument(): only the absolute rule sees it
+            W = model.blocks[0].fc.weight
+            W.copy_(torch.outer(W[:, 0], W[0]))
         guard = spectral_guard.instrument(
-            model, ratio=0.25, thresholds=thresholds(effective_rank_retention_min=0.999))
-        # broadcast_buffers=False: the probes' state must agree without being synchronized
-        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+            model, ratio=0.25, thresholds=thresholds(effective_rank_retention_min=0.999,
+                                                     effective_rank_ratio_min=0.2,
+                                                     collapse_min_dim=8))
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast)
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-        sampled = []
+        sampled, fc_lambda = [], []
         # each rank sees different data: the guard's choices must not depend on it
-        for x, y in byte_batches(synthetic_text(4000, seed=rank), 2, 16, 5, seed=rank):
+        data = list(byte_batches(synthetic_text(6000, seed=rank), 2, 16, STEPS * micro,
+                                 seed=rank))
+        for step in range(STEPS):
             sampled.append(guard.sampled_layers())
-            ddp(x, y)["loss"].backward()
+            for k in range(micro):
+                x, y = data[step * micro + k]
+                if k < micro - 1:
+                    with ddp.no_sync():  # accumulate locally, all-reduce on the last one
+                        (ddp(x, y)["loss"] / micro).backward()
+                else:
+                    (ddp(x, y)["loss"] / micro).backward()
             opt.step()
             opt.zero_grad()
-        torch.save({"sampled": sampled, "guard": guard.state_dict(),
-                    "checked": {n: r["last_checked_step"]
-                                for n, r in guard.stats()["layers"].items()}},
+            fc_lambda.append(guard.stats()["layers"]["blocks.0.fc"]["lambda"])
+        torch.save({"sampled": sampled, "guard": guard.state_dict(), "fc_lambda": fc_lambda,
+                    "params": {k: v.detach().clone() for k, v in model.state_dict().items()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.timeout(180)
-def test_ranks_agree_on_schedule_and_state(tmp_path):
+@pytest.mark.parametrize("broadcast,micro", [(False, 1), (True, 1), (False, 2)])
+def test_ranks_agree_on_weights_and_guard_state(tmp_path, broadcast, micro):
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
-    mp.spawn(_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path), broadcast, micro),
+             nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
-    assert r0["sampled"] == r1["sampled"] and len(r0["sampled"]) == 5
-    assert r0["checked"] == r1["checked"]
-    assert r0["guard"]["step"] == r1["guard"]["step"] == 5
+    assert r0["sampled"] == r1["sampled"] and len(r0["sampled"]) == STEPS
+    for key, value in r0["params"].items():
+        assert torch.equal(value, r1["params"][key]), key
+    assert r0["guard"]["step"] == r1["guard"]["step"] == STEPS
     for name, saved in r0["guard"]["layers"].items():
         other = r1["guard"]["layers"][name]
         assert repr(saved["state"]) == repr(other["state"]), name  # host state, nan == nan
         for key, t in saved["tensors"].items():
             torch.testing.assert_close(t, other["tensors"][key], rtol=0, atol=0,
                                        equal_nan=True, msg=f"{name} {key}")
+    # the layer collapsed before instrument() is treated on both ranks from step 1 on
+    assert r0["fc_lambda"] == r1["fc_lambda"] and all(lam > 0 for lam in r0["fc_lambda"])
