@@ -33,7 +33,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..estimators import biopsy_indices, name_seed, no_autocast
 from ..thresholds import Rule
-from . import hooks
+from . import hooks, sharded
 from .check import (
     Law,
     Readings,
@@ -124,6 +124,8 @@ class Guard:
                                              self.config.resolved_thresholds())
         ref = weakref.ref(self)
         for c in chosen:
+            sharded.check_order(c.name, c.module.weight)  # FSDP2: instrument, then shard
+        for c in chosen:
             W = c.module.weight
             shape = (int(W.shape[0]), int(W.shape[1]))
             seed = name_seed(self.config.seed, c.name)
@@ -173,7 +175,7 @@ class Guard:
     def _entry(self, layer: GuardedLayer, vectors: bool) -> tuple:
         fiedler_rows = self.config.fiedler_rows if "fiedler" in layer.sensors else 0
         return (layer.index, layer.state.generation, layer.probe, layer.weight, vectors,
-                fiedler_rows)
+                fiedler_rows, layer.state.nonfinite)
 
     def _conditioning(self, layer: GuardedLayer) -> bool:
         return "condition_number" in layer.sensors and self.config.actuator == "spectral"
@@ -224,8 +226,8 @@ class Guard:
             st.last_error = m.error
             st.readings = Readings()
             return
-        st.nonfinite = m.nonfinite_entries > 0
-        st.nonfinite_entries = m.nonfinite_entries
+        st.nonfinite = m.nonfinite_entries != 0  # -1: non-finite, entries not counted yet
+        st.nonfinite_entries = max(m.nonfinite_entries, 0)
         if st.nonfinite:
             st.readings = Readings()
             self._record(layer, step, False)
@@ -309,6 +311,8 @@ class Guard:
 
     def _term(self, layer: GuardedLayer, W: Tensor) -> Tensor | None:
         st, probe = layer.state, layer.probe
+        if sharded.is_sharded(W):  # FSDP2: local rows, global value (guard/sharded.py)
+            return sharded.term(W, probe, st, self.config.actuator)
         lam_c, lam_k = st.lambdas["collapse"], st.lambdas["conditioning"]
         if self.config.actuator == "l2":
             return (lam_c + lam_k) * l2_term(W)

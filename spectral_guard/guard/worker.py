@@ -28,6 +28,7 @@ import torch
 
 from ..estimators import PowerState, no_autocast, power_iteration, singular_values_at
 from ..sensors import fiedler_value
+from . import sharded
 from .check import Readings, measure
 from .state import GuardProbe
 
@@ -74,7 +75,12 @@ class Packet:
 
 @torch.no_grad()
 def refresh(probe: GuardProbe, W: Tensor, n_iter: int) -> Tensor:
-    """Warm power iteration in place on ``probe.u, probe.v``; returns ``sigma`` (device)."""
+    """Warm power iteration in place on ``probe.u, probe.v``; returns ``sigma`` (device).
+
+    A sharded (DTensor) weight iterates on its local rows with one all-reduce per iteration
+    (:func:`.sharded.refresh`)."""
+    if sharded.is_sharded(W):
+        return sharded.refresh(probe, W, n_iter)
     with no_autocast(W.device.type):
         sigma, state = power_iteration(W.detach(), PowerState(probe.u, probe.v), n_iter)
         probe.u.copy_(state.u)
@@ -83,11 +89,16 @@ def refresh(probe: GuardProbe, W: Tensor, n_iter: int) -> Tensor:
 
 
 @torch.no_grad()
-def launch(entries: list[tuple[int, int, GuardProbe, Tensor, bool, int]],
+def launch(entries: list[tuple[int, int, GuardProbe, Tensor, bool, int, bool]],
            power_iters: int) -> Packet:
     """Enqueue the device half of a check (see module docstring); never reads the device.
 
-    ``entries``: ``(index, generation, probe, weight, vectors, fiedler_rows)`` per layer.
+    ``entries``: ``(index, generation, probe, weight, vectors, fiedler_rows, count)`` per
+    layer. Non-finite weights show in ``sigma`` and the biopsy at no extra cost; ``count``
+    adds a pass over every entry of ``W`` to count them (done for layers already flagged, so
+    the count follows the flag by one check). Sharded (DTensor) weights are measured
+    together from their local rows, with one all-reduce per power iteration that also
+    assembles their biopsies (:func:`.sharded.measure`); their packet entries are the same.
     """
     samples: list[Sample] = []
     parts: list[Tensor] = []
@@ -95,11 +106,16 @@ def launch(entries: list[tuple[int, int, GuardProbe, Tensor, bool, int]],
     pack_dtype = torch.float64 if any(e[3].dtype == torch.float64 for e in entries) \
         else torch.float32
     device = entries[0][3].device if entries else torch.device("cpu")
-    for index, generation, probe, W, vectors, fiedler_rows in entries:
+    on_shards = iter(sharded.measure([(e[2], e[3], e[6]) for e in entries
+                                      if sharded.is_sharded(e[3])], power_iters, pack_dtype))
+    for index, generation, probe, W, vectors, fiedler_rows, count in entries:
         W = W.detach()
-        sigma = refresh(probe, W, power_iters)
-        B = probe.biopsy(W)
-        bad = (~torch.isfinite(W)).sum()
+        if sharded.is_sharded(W):
+            B, sigma, bad = next(on_shards)
+        else:
+            sigma = refresh(probe, W, power_iters)
+            B = probe.biopsy(W)
+            bad = (~torch.isfinite(W)).sum() if count else torch.full((), -1, device=W.device)
         parts += [B.reshape(-1).to(pack_dtype), sigma.reshape(1).to(pack_dtype),
                   bad.reshape(1).to(pack_dtype)]
         sample = Sample(index, generation, (int(B.shape[0]), int(B.shape[1])), W.dtype,
@@ -137,8 +153,9 @@ def _measure_one(flat: Tensor, s: Sample) -> Measurement:
     r, c = s.biopsy_shape
     chunk = flat[s.offset:s.offset + s.size].to(torch.float64)
     B, sigma, bad = chunk[:r * c].view(r, c), float(chunk[-2]), int(chunk[-1])
-    if bad or not math.isfinite(sigma):
-        return Measurement(s.index, s.generation, Readings(), nonfinite_entries=max(bad, 1))
+    if bad > 0 or not math.isfinite(sigma) or not bool(torch.isfinite(B).all()):
+        return Measurement(s.index, s.generation, Readings(),
+                           nonfinite_entries=bad if bad > 0 else -1)
     svd = None
     if s.vectors:
         U, sv, Vh = torch.linalg.svd(B, full_matrices=False)
