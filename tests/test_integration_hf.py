@@ -216,6 +216,15 @@ def test_metrics_reach_log_history_and_report_to_integrations(tmp_path, monkeypa
     assert steps == [1, 2, 3]
 
 
+def test_clock_follows_the_trainer_when_the_guard_steps_manually(tmp_path, single_thread):
+    cb = SpectralGuardCallback(keep=True, step_on="manual", **FIRING)
+    trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path, steps=3),
+                      train_dataset=lm_data(), callbacks=[cb])
+    trainer.train()
+    assert cb.guard.global_step == trainer.state.global_step == 3
+    assert cb.guard.stats()["totals"]["checks"] > 0
+
+
 def test_resume_from_a_trainer_checkpoint_restores_the_guard(tmp_path, single_thread):
     # uninterrupted: 4 optimizer steps
     whole = tiny_llama()

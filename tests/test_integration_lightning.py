@@ -126,6 +126,13 @@ def test_metrics_are_logged_through_pl_module_log(tmp_path, single_thread):
     assert float(rows[-1]["spectral_guard/penalty"]) > 0
 
 
+def test_clock_follows_the_trainer_when_the_guard_steps_manually(tmp_path, single_thread):
+    cb = SpectralGuard(keep=True, step_on="manual", **FIRING)
+    trainer = make_trainer(tmp_path, 2, [cb], max_epochs=1)
+    trainer.fit(Classifier(), loader(2))
+    assert cb.guard.global_step == trainer.global_step == 2
+
+
 def test_checkpoint_round_trip_restores_the_guard(tmp_path, single_thread):
     whole_cb = SpectralGuard(keep=True, **FIRING)
     whole = Classifier()

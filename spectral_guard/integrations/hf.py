@@ -16,6 +16,8 @@ What the callback does, event by event (checked against transformers 5.24's ``Tr
   ``num_items_in_batch``, or a ``compute_loss_func``); in that case the scale is ``1 / k``
   (and ``1 / (k * processes)`` when ``average_tokens_across_devices`` multiplies the loss by
   the number of processes).
+* ``on_step_end``: the guard's clock follows ``state.global_step`` even when no optimizer step
+  ran (a ``GradScaler`` skipped it) or the guard steps manually.
 * ``on_log``: ``spectral_guard/*`` metrics (:func:`spectral_guard.integrations.guard_metrics`)
   join every training log entry (those with a ``loss``).
 * ``on_save``: ``guard.state_dict()`` is saved as ``spectral_guard.pt`` in the checkpoint folder,
@@ -167,6 +169,12 @@ class SpectralGuardCallback(TrainerCallback):
             self._warn_once("leftover", "SpectralGuardCallback: the guard's penalty was not added "
                             "to any loss (the model output had no `loss`, e.g. with label "
                             "smoothing or a compute_loss_func): add guard.penalty() yourself")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # an optimizer step that did not run (a GradScaler skipping inf gradients) or a guard
+        # with step_on="manual": the Trainer's step still advances the guard's clock
+        while self.guard is not None and self.guard.global_step < state.global_step:
+            self.guard.step()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
                **kwargs: Any) -> None:

@@ -7,7 +7,9 @@
   dict or an object with a ``loss`` (e.g. a transformers model given labels): ``penalty(self)``
   is then zero. Lightning divides the loss by ``accumulate_grad_batches``, so the penalty,
   queued at every micro-batch, counts once per optimizer step.
-* ``on_train_batch_end``: after each optimizer step that Lightning logs, the guard's metrics
+* ``on_train_batch_end``: the guard's clock follows ``trainer.global_step`` (also when an AMP
+  step was skipped or the guard steps manually); after each optimizer step that Lightning logs,
+  the guard's metrics
   go to ``pl_module.log_dict`` under ``spectral_guard/`` (``sync_dist`` with several processes).
 * ``on_save_checkpoint`` / ``on_load_checkpoint``: ``guard.state_dict()`` under the checkpoint
   key ``"spectral_guard"``.
@@ -60,8 +62,12 @@ class SpectralGuard(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self.log or self.guard is None or self.guard.global_step == self._logged_step:
-            return  # no guard, or no optimizer step since the last log
+        if self.guard is None:
+            return
+        while self.guard.global_step < trainer.global_step:
+            self.guard.step()  # a skipped optimizer step (AMP) or a guard stepped manually
+        if not self.log or self.guard.global_step == self._logged_step:
+            return  # no optimizer step since the last log
         connector = getattr(trainer, "_logger_connector", None)
         if not getattr(connector, "should_update_logs", True):
             return
