@@ -30,9 +30,13 @@ xmin, the median (the rule the audit's alpha uses). --plot draws it on log-log a
 def plot_output_ready(path: Path) -> None:
     """``--plot PATH``: the plot extra is installed and PATH can be written (else exit 2)."""
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise fail("--plot needs matplotlib: pip install 'spectral-guard[plot]'") from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise fail(f"--plot {path}: unknown image format {path.suffix or '(no suffix)'!r} "
+                   f"(use one of {', '.join('.' + f for f in sorted(formats))})")
     check_writable(path, "--plot")
 
 

@@ -61,6 +61,14 @@ def test_audit_plot_unwritable_path_is_a_one_line_usage_error(tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", [["audit", HEALTHY], ["esd", HEALTHY, UP]])
+def test_plot_unknown_format_is_refused_before_any_work(tmp_path, command):
+    result = run(*command, "--plot", tmp_path / "figure.xyz")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "unknown image format '.xyz'" in result.stderr and ".png" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 def test_audit_plot_depth_order_and_roles(tmp_path):
     from spectral_guard.integrations.plot import _depth_key, _role
 
