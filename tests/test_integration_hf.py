@@ -97,8 +97,8 @@ class GradRecorder(TrainerCallback):
                           for p in model.parameters() if p.grad is not None}
 
 
-def second_step_grads(kind: str, out: Path, guard: str, batch: int, accumulation: int
-                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def second_step_grads(kind: str, out: Path, guard: str, batch: int, accumulation: int,
+                      trainer_cls: type = Trainer) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Gradients at the second optimizer step; ``guard``: none | callback | manual.
 
     The guard's first check is applied at the first optimizer step, so the penalty starts at
@@ -115,8 +115,8 @@ def second_step_grads(kind: str, out: Path, guard: str, batch: int, accumulation
         guarded = g.layer_names
     # learning rate 0: the weights stay the same, so every run's penalty is that of the same
     # weights and the runs differ only in how the penalty is counted
-    trainer = Trainer(model=model, args=training_args(out, batch, accumulation, steps=2,
-                                                      learning_rate=0.0),
+    trainer = trainer_cls(model=model, args=training_args(out, batch, accumulation, steps=2,
+                                                          learning_rate=0.0),
                       train_dataset=data(), callbacks=callbacks)
     trainer.train()
     if guard == "callback":
@@ -142,6 +142,26 @@ def test_penalty_reaches_gradients_once_per_optimizer_step(kind, tmp_path, singl
             assert (diff2 - diff1).norm() < 1e-4 * diff1.norm(), name
         else:
             assert diff1.abs().max() < 1e-5, name  # unguarded parameters: task gradient only
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_penalty_once_per_step_when_the_trainer_is_told_how_the_loss_is_scaled(
+        scaled, tmp_path, single_thread):
+    """``Trainer.loss_is_scaled_for_ga`` overrides the Trainer's own decision (divide by the
+    accumulation steps or not); the callback follows it."""
+
+    class Told(Trainer):
+        loss_is_scaled_for_ga = scaled
+
+    plain1, _ = second_step_grads("llama", tmp_path / "a", "none", 4, 1)
+    guard1, guarded = second_step_grads("llama", tmp_path / "b", "callback", 4, 1)
+    plain2, _ = second_step_grads("llama", tmp_path / "c", "none", 2, 2, Told)
+    guard2, _ = second_step_grads("llama", tmp_path / "d", "callback", 2, 2, Told)
+    for layer in guarded:
+        name = f"{layer}.weight"
+        once = guard1[name] - plain1[name]
+        assert once.norm() > 1e-4
+        assert (guard2[name] - plain2[name] - once).norm() < 1e-4 * once.norm(), name
 
 
 def test_without_the_callback_llama_counts_the_penalty_per_micro_batch(tmp_path, single_thread):
