@@ -98,7 +98,8 @@ class GradRecorder(TrainerCallback):
 
 
 def second_step_grads(kind: str, out: Path, guard: str, batch: int, accumulation: int,
-                      trainer_cls: type = Trainer) -> tuple[dict[str, torch.Tensor], list[str]]:
+                      trainer_cls: type = Trainer, samples: int = 8
+                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Gradients at the second optimizer step; ``guard``: none | callback | manual.
 
     The guard's first check is applied at the first optimizer step, so the penalty starts at
@@ -117,7 +118,7 @@ def second_step_grads(kind: str, out: Path, guard: str, batch: int, accumulation
     # weights and the runs differ only in how the penalty is counted
     trainer = trainer_cls(model=model, args=training_args(out, batch, accumulation, steps=2,
                                                           learning_rate=0.0),
-                      train_dataset=data(), callbacks=callbacks)
+                      train_dataset=data(samples), callbacks=callbacks)
     trainer.train()
     if guard == "callback":
         guarded = spectral_guard.instrument(MODELS[kind][0](), **FIRING).layer_names
@@ -142,6 +143,19 @@ def test_penalty_reaches_gradients_once_per_optimizer_step(kind, tmp_path, singl
             assert (diff2 - diff1).norm() < 1e-4 * diff1.norm(), name
         else:
             assert diff1.abs().max() < 1e-5, name  # unguarded parameters: task gradient only
+
+
+def test_penalty_once_in_a_short_last_step_of_the_epoch(tmp_path, single_thread):
+    """6 samples, micro-batches of 2, accumulation 2: the second optimizer step has a single
+    micro-batch, and its penalty still counts once (scale 1/1, not 1/2)."""
+    plain1, _ = second_step_grads("llama", tmp_path / "a", "none", 4, 1)
+    guard1, guarded = second_step_grads("llama", tmp_path / "b", "callback", 4, 1)
+    plain2, _ = second_step_grads("llama", tmp_path / "c", "none", 2, 2, samples=6)
+    guard2, _ = second_step_grads("llama", tmp_path / "d", "callback", 2, 2, samples=6)
+    for layer in guarded:
+        name = f"{layer}.weight"
+        once = guard1[name] - plain1[name]
+        assert (guard2[name] - plain2[name] - once).norm() < 1e-4 * once.norm(), name
 
 
 @pytest.mark.parametrize("scaled", [True, False])
