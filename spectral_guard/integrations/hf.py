@@ -149,6 +149,10 @@ class SpectralGuardCallback(TrainerCallback):
                 self.guard = spectral_guard.instrument(target, self.config, **self.overrides)
                 self._owned = True
         tr = self._trainer() if self._trainer is not None else None
+        if tr is not None and not hasattr(tr, "loss_is_scaled_for_ga"):
+            self._warn_once("version", "SpectralGuardCallback: this transformers version's "
+                            "gradient-accumulation rule (no Trainer.loss_is_scaled_for_ga) was "
+                            "not checked; the penalty may not count exactly once per step")
         if tr is not None and getattr(tr, "compute_loss_func", None) is not None:
             self._warn_once("loss_func", "SpectralGuardCallback: a compute_loss_func computes "
                             "the loss from the logits, so the penalty the guard adds to "
@@ -250,8 +254,10 @@ class SpectralGuardCallback(TrainerCallback):
         if not scaled:
             return 1.0
         scale = 1.0 / self._micro_batches(tr)
-        if tr.args.average_tokens_across_devices and (accepts or with_func) and got_num_items:
-            processes = tr.accelerator.num_processes // max(tr.get_tp_size(), 1)
+        averaged = getattr(tr.args, "average_tokens_across_devices", False)
+        if averaged and (accepts or with_func) and got_num_items:
+            tp = tr.get_tp_size() if hasattr(tr, "get_tp_size") else 1
+            processes = tr.accelerator.num_processes // max(tp, 1)
             scale /= max(processes, 1)
         return scale
 
