@@ -1,0 +1,216 @@
+"""The guard under FSDP2 (``fully_shard``), 2 processes, gloo, CPU, against an unsharded run.
+
+Both runs train the same model on the same global batch with SGD: the sharded run gives each
+rank half of the batch (FSDP2 averages the task gradient over ranks, so it is the global
+batch's mean gradient), the unsharded run takes the whole batch in one process. The guard is
+forced to fire on every check (thresholds no layer can meet), so every step carries penalty
+terms: collapse and conditioning (``actuator="spectral"``) in one arm, ``l2`` in the other.
+Layer sizes are odd (37 and 29 rows: uneven shards) and the biopsy is smaller than the
+layers, so its rows fall on both ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARMS: dict[str, dict[str, Any]] = {
+    "spectral": {"sensors": ("effective_rank", "condition_number", "fiedler"),
+                 "fields": {"effective_rank_retention_min": 2.0,
+                            "condition_number_growth_max": 0.5}},
+    "l2": {"sensors": ("effective_rank",), "actuator": "l2", "lambda_base": 0.05,
+           "fields": {"effective_rank_retention_min": 2.0}},
+}
+STEPS = 3
+BATCH = 8
+GUARDED = ("up", "mid", "out")
+
+
+class MLP(nn.Module):
+    """Three Linear layers with uneven row counts; returns ``{"out", "loss"}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(24, 37)
+        self.mid = nn.Linear(37, 29)
+        self.out = nn.Linear(29, 11)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.out(F.gelu(self.mid(F.gelu(self.up(x)))))
+        return {"out": h, "loss": F.mse_loss(h, y)}
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 24, generator=gen), torch.randn(BATCH, 11, generator=gen))
+            for _ in range(STEPS)]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def _train(arm: str, rank: int, world: int, guarded: bool = True) -> dict[str, Any]:
+    """One run of ``arm``: unsharded with the whole batch (``world == 1``) or FSDP2 with this
+    rank's half. Returns per step the gradients and penalty, then the final state."""
+    import spectral_guard
+    from spectral_guard.thresholds import Rule, Thresholds
+
+    spec = ARMS[arm]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MLP()
+    guard = None
+    if guarded:
+        guard = spectral_guard.instrument(
+            model, ratio=1.0, biopsy_limit=16, fiedler_rows=8, sensors=spec["sensors"],
+            actuator=spec.get("actuator", "spectral"), lambda_base=spec.get("lambda_base"),
+            thresholds=Thresholds(
+                Rule(**spec["fields"])))
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model.up, mesh=mesh)
+        fully_shard(model.mid, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # `out` stays in the root group
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    rec: dict[str, Any] = {"grads": [], "penalty": []}
+    part = BATCH // world
+    for x, y in _batches():
+        x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
+        model(x, y)["loss"].backward()
+        rec["grads"].append({n: _local(p.grad) for n, p in model.named_parameters()})
+        rec["penalty"].append(guard.metrics()["penalty"] if guard else 0.0)
+        opt.step()
+        opt.zero_grad()
+    rec["params"] = {n: _local(p) for n, p in model.named_parameters()}
+    if guard is not None:
+        rec["history"] = list(guard.history)
+        rec["state"] = guard.state_dict()
+        rec["surrogate"] = _collapse_grads(model, guard)
+    return rec
+
+
+def _collapse_grads(model: nn.Module, guard: Any) -> dict[str, torch.Tensor]:
+    """Gradient of the collapse term alone, per guarded layer, through the sharded surrogate
+    (``guard/sharded.py``) on a DTensor weight, or the plain term on a plain one."""
+    from spectral_guard.guard import sharded
+    from spectral_guard.guard.penalties import spectral_collapse_term
+
+    out = {}
+    for name in GUARDED:
+        module = getattr(model, name)
+        W = module.parametrizations.weight.original
+        probe = module.parametrizations.weight[0]
+        fn = sharded.collapse_term if sharded.is_sharded(W) else spectral_collapse_term
+        (g,) = torch.autograd.grad(fn(W, probe.u, probe.v), W)
+        out[name] = _local(g)
+    return out
+
+
+def _worker(rank: int, world: int, rdv: str, out_dir: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = {arm: _train(arm, rank, world) for arm in ARMS}
+        result["refused"] = _refusals(world)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _refusals(world: int) -> dict[str, str]:
+    """The messages of what is refused: instrument() after fully_shard, a Shard(1) weight."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import spectral_guard
+    from spectral_guard.guard import sharded
+
+    out = {}
+    mesh = init_device_mesh("cpu", (world,))
+    model = MLP()
+    fully_shard(model, mesh=mesh)
+    try:
+        spectral_guard.instrument(model)
+    except ValueError as exc:
+        out["order"] = str(exc)
+    out["order_clean"] = str(getattr(model, "_spectral_guard", None) is None
+                             and not hasattr(model.up, "parametrizations"))
+    try:
+        sharded.row_shard(distribute_tensor(torch.ones(6, 4), mesh, [Shard(1)]))
+    except ValueError as exc:
+        out["placement"] = str(exc)
+    return out
+
+
+def _cat(ranks: list[dict], pick) -> torch.Tensor:
+    return torch.cat([pick(r) for r in ranks])
+
+
+@pytest.mark.timeout(150)
+def test_fsdp2_matches_unsharded(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    mp.spawn(_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2)]
+    tol = {"rtol": 1e-4, "atol": 1e-6}
+    for arm in ARMS:
+        ref, plain = _train(arm, 0, 1), _train(arm, 0, 1, guarded=False)
+        sh = [r[arm] for r in ranks]
+        # every rank holds the same guard state (schedule, readings, lambdas, u, v)
+        assert repr(sh[0]["history"]) == repr(sh[1]["history"]), arm
+        assert repr(sh[0]["state"]) == repr(sh[1]["state"]), arm
+        # readings and lambdas: as unsharded, every layer at every step
+        assert len(ref["history"]) == len(sh[0]["history"]) == len(GUARDED) * STEPS
+        for a, b in zip(ref["history"], sh[0]["history"], strict=True):
+            assert (a["step"], a["layer"], a["triggered"]) == (b["step"], b["layer"],
+                                                               b["triggered"])
+            for key in ("effective_rank", "stable_rank", "sigma_max", "lambda",
+                        "effective_rank_retention", "condition_growth"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (arm, a, key)
+        assert all(h["lambda"] > 0 for h in ref["history"])
+        for name, saved in ref["state"]["layers"].items():
+            other = sh[0]["state"]["layers"][name]
+            assert other["state"]["lambdas"] == pytest.approx(saved["state"]["lambdas"],
+                                                              rel=1e-5)
+            for key in ("u", "v", "cond_u", "cond_v"):
+                torch.testing.assert_close(other["tensors"][key], saved["tensors"][key], **tol)
+        # the penalty's value is the global one on each rank
+        for step in range(1, STEPS):
+            assert sh[0]["penalty"][step] == pytest.approx(ref["penalty"][step], rel=1e-4)
+            assert sh[1]["penalty"][step] == sh[0]["penalty"][step]
+            assert ref["penalty"][step] > 0
+        # gradients: FSDP2's reduce-scatter mean of the task part + the exact penalty part
+        for step in range(STEPS):
+            for name, g in ref["grads"][step].items():
+                got = _cat(sh, lambda r, n=name, s=step: r["grads"][s][n])
+                torch.testing.assert_close(got, g, **tol, msg=f"{arm} step {step} {name}")
+        for name in GUARDED:  # the penalty moved the gradient far beyond the tolerance
+            g, g0 = ref["grads"][1][f"{name}.parametrizations.weight.original"], \
+                plain["grads"][1][f"{name}.weight"]
+            moved = (g - g0).abs().max()
+            assert moved > 1e-3, (arm, name, float(moved))
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(_cat(sh, lambda r, n=name: r["params"][n]), p, **tol)
+        for name, g in ref["surrogate"].items():
+            torch.testing.assert_close(_cat(sh, lambda r, n=name: r["surrogate"][n]), g, **tol)
+    refused = ranks[0]["refused"]
+    assert "before fully_shard" in refused["order"] and "\n" not in refused["order"]
+    assert refused["order_clean"] == "True"
+    assert "dim 0 over a 1-D mesh" in refused["placement"]
