@@ -34,6 +34,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..estimators import biopsy_indices, name_seed, no_autocast
 from ..thresholds import Rule
 from . import hooks, sharded
+from .attention import AttentionGuard
 from .check import (
     Law,
     Readings,
@@ -106,12 +107,15 @@ class Guard:
         self._attached: weakref.ref | None = None
         self._owner_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._removed = False
+        self._attention: AttentionGuard | None = None
         self._worker = CheckWorker()
         try:
             self._install()
             self._schedule = LayerSchedule(len(self._layers), config.ratio, config.seed)
             self._take_baselines(range(len(self._layers)))
             self._launch(0)
+            if config.attention:
+                self._attention = AttentionGuard(model, config, self.layer_names)
         except BaseException:
             self._uninstall()
             raise
@@ -163,6 +167,8 @@ class Guard:
         for handle in self._root_handles:
             handle.remove()
         self._root_handles = []
+        if self._attention is not None:
+            self._attention.remove()
         self._inflight = None
         self._forwards = 0
         self._worker.shutdown()
@@ -302,6 +308,10 @@ class Guard:
             target = device or W.device
             term = term.to(target)
             total = term if total is None else total + term
+        if self._attention is not None:
+            term = self._attention.penalty(device)
+            if term is not None:
+                total = term if total is None else total + term.to(total.device)
         if total is None:
             return None
         if self.penalty_scale != 1.0:
@@ -414,6 +424,10 @@ class Guard:
         self._apply_due()
         self._ns += time.perf_counter_ns() - t0
         self._launch(self._step)
+        if self._attention is not None:
+            t0 = time.perf_counter_ns()
+            self._attention.on_step(self._step)
+            self._ns += time.perf_counter_ns() - t0
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Guard:
         """Follow only ``optimizer``'s steps (instead of any optimizer holding guarded weights)."""
@@ -477,7 +491,7 @@ class Guard:
             "mean_stable_rank_ratio": sum(ratios) / len(ratios) if ratios else float("nan"),
             "nonfinite_layers": float(t["nonfinite_layers"]),
             "penalty": float(self._last_penalty) if self._last_penalty is not None else 0.0,
-        }
+        } | (self._attention.metrics() if self._attention is not None else {})
 
     def report(self, console: Any = None) -> None:
         """Print :meth:`stats` as a rich table."""
@@ -520,6 +534,7 @@ class Guard:
                     ("cond_v", layer.probe.cond_v))},
             } for layer in self._layers},
             "inflight": inflight,
+            "attention": None if self._attention is None else self._attention.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -549,6 +564,8 @@ class Guard:
                                                                     dtype=current.dtype))
         self._step = int(state["step"])
         self._forwards = 0
+        if self._attention is not None and state.get("attention") is not None:
+            self._attention.load_state_dict(state["attention"])
         inflight = state.get("inflight")
         self._inflight = None if inflight is None else _InFlight(
             int(inflight["step"]), done([_measurement_from_dict(d, self._by_name)
