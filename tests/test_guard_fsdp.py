@@ -11,8 +11,10 @@ layers, so its rows fall on both ranks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -86,21 +88,65 @@ def _train(arm: str, rank: int, world: int, guarded: bool = True) -> dict[str, A
         fully_shard(model.mid, mesh=mesh)
         fully_shard(model, mesh=mesh)  # `out` stays in the root group
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    rec: dict[str, Any] = {"grads": [], "penalty": []}
+    rec: dict[str, Any] = {"grads": [], "penalty": [], "forward_sizes": [], "check_sizes": []}
     part = BATCH // world
-    for x, y in _batches():
-        x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
-        model(x, y)["loss"].backward()
-        rec["grads"].append({n: _local(p.grad) for n, p in model.named_parameters()})
-        rec["penalty"].append(guard.metrics()["penalty"] if guard else 0.0)
-        opt.step()
-        opt.zero_grad()
+    with _counting_all_reduce() as sizes:
+        for x, y in _batches():
+            x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
+            model(x, y)["loss"].backward()
+            rec["forward_sizes"].append(sizes[:])
+            sizes.clear()
+            rec["grads"].append({n: _local(p.grad) for n, p in model.named_parameters()})
+            rec["penalty"].append(guard.metrics()["penalty"] if guard else 0.0)
+            opt.step()  # the guard's clock: apply the last check, launch this step's
+            rec["check_sizes"].append(sizes[:])
+            sizes.clear()
+            opt.zero_grad()
     rec["params"] = {n: _local(p) for n, p in model.named_parameters()}
     if guard is not None:
         rec["history"] = list(guard.history)
         rec["state"] = guard.state_dict()
         rec["surrogate"] = _collapse_grads(model, guard)
+        rec["nonfinite"] = _inject_nan(model, guard)
     return rec
+
+
+@contextlib.contextmanager
+def _counting_all_reduce() -> Iterator[list[int]]:
+    """Record the number of elements of each all-reduce the guard issues."""
+    from spectral_guard.guard import sharded
+
+    sizes: list[int] = []
+    real = sharded._all_reduce
+
+    def counting(x: torch.Tensor, group: Any) -> torch.Tensor:
+        sizes.append(x.numel())
+        return real(x, group)
+
+    sharded._all_reduce = counting
+    try:
+        yield sizes
+    finally:
+        sharded._all_reduce = real
+
+
+def _inject_nan(model: nn.Module, guard: Any) -> dict[str, tuple[bool, int]]:
+    """A NaN in row 20 of ``mid`` (rank 1's rows when sharded), then three guard steps: the
+    check that sees it flags the layer, the next one counts its non-finite entries."""
+    from spectral_guard.guard import sharded
+
+    W = model.mid.parametrizations.weight.original
+    with torch.no_grad():
+        if sharded.is_sharded(W):
+            s = sharded.row_shard(W)
+            if s.offset <= 20 < s.offset + s.rows:
+                W.to_local()[20 - s.offset, 3] = float("nan")
+        else:
+            W[20, 3] = float("nan")
+    for _ in range(3):
+        guard.step()
+    return {n: (v["nonfinite"], v["nonfinite_entries"])
+            for n, v in guard.stats()["layers"].items()}
 
 
 def _collapse_grads(model: nn.Module, guard: Any) -> dict[str, torch.Tensor]:
@@ -210,7 +256,28 @@ def test_fsdp2_matches_unsharded(tmp_path):
             torch.testing.assert_close(_cat(sh, lambda r, n=name: r["params"][n]), p, **tol)
         for name, g in ref["surrogate"].items():
             torch.testing.assert_close(_cat(sh, lambda r, n=name: r["surrogate"][n]), g, **tol)
+        # the NaN on rank 1's rows is flagged on both ranks, as unsharded
+        assert ref["nonfinite"] == sh[0]["nonfinite"] == sh[1]["nonfinite"]
+        assert ref["nonfinite"] == {"up": (False, 0), "mid": (True, 1), "out": (False, 0)}
+        _check_collectives(arm, sh[0])
     refused = ranks[0]["refused"]
     assert "before fully_shard" in refused["order"] and "\n" not in refused["order"]
     assert refused["order_clean"] == "True"
     assert "dim 0 over a 1-D mesh" in refused["placement"]
+
+
+def _check_collectives(arm: str, rec: dict[str, Any]) -> None:
+    """What the guard sends, per step (docs/guard.md, FSDP2): one all-reduce per check of
+    ``sum (m + n + r c + 1)`` numbers over the checked layers (one power iteration), and in the
+    forward, per treated layer sharded at that point (``up`` and ``mid``: ``out`` is in the
+    root group, unsharded until the backward), 2 numbers for collapse, 1 for l2 and ``r c``
+    for conditioning."""
+    shapes = {"up": (37, 24), "mid": (29, 37), "out": (11, 29)}
+    per_check = sum(m + n + min(m, 16) * min(n, 16) + 1 for m, n in shapes.values())
+    assert rec["check_sizes"] == [[per_check]] * STEPS, arm
+    assert rec["forward_sizes"][0] == [], arm  # nothing treated before the first check
+    for sizes in rec["forward_sizes"][1:]:
+        if arm == "l2":
+            assert sizes == [1, 1]
+        else:
+            assert sizes == [2, 16 * 16, 2, 16 * 16], sizes  # collapse, then conditioning
