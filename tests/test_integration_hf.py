@@ -237,6 +237,7 @@ def test_metrics_reach_log_history_and_report_to_integrations(tmp_path, monkeypa
         for key in KEYS:
             assert isinstance(entry[f"spectral_guard/{key}"], float), key
     assert entries[-1]["spectral_guard/treated_layers"] > 0
+    assert "spectral_guard/attention_logit_scale" not in entries[-1]  # that sensor is off
     assert entries[-1]["spectral_guard/penalty"] > 0
     assert all(f"spectral_guard/{k}" in logs for logs in seen if "loss" in logs for k in KEYS)
     assert cb.guard.global_step == trainer.state.global_step == 3
@@ -257,6 +258,17 @@ def test_clock_follows_the_trainer_when_the_guard_steps_manually(tmp_path, singl
     trainer.train()
     assert cb.guard.global_step == trainer.state.global_step == 3
     assert cb.guard.stats()["totals"]["checks"] > 0
+
+
+def test_attention_logit_scale_is_logged_when_that_sensor_is_on(tmp_path, single_thread):
+    cb = SpectralGuardCallback(attention=True)
+    trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path, steps=3),
+                      train_dataset=lm_data(), callbacks=[cb])
+    trainer.train()
+    entries = [e for e in trainer.state.log_history if "loss" in e]
+    assert entries[-1]["spectral_guard/attention_pairs"] == 2.0  # q/k of each Llama layer
+    scale = entries[-1]["spectral_guard/attention_logit_scale"]
+    assert isinstance(scale, float) and scale > 0
 
 
 def test_resume_from_a_trainer_checkpoint_restores_the_guard(tmp_path, single_thread):
