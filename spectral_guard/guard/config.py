@@ -50,6 +50,18 @@ class GuardConfig:
       step_on         ``"optimizer"``: advance on the step of any optimizer holding a guarded
                       weight (or only the one given to :meth:`Guard.attach`); ``"manual"``:
                       only :meth:`Guard.step` advances
+    Attention logits (``guard/attention.py``): per head ``s_h = sigma_max(W_q,h^T W_k,h) /
+      sqrt(d_h)`` of each query-key pair, checked on the same schedule
+      attention           enable the attention-logit guard
+      attention_actuator  ``"penalty"`` (thermostat-driven hinge ``lambda sum_h
+                          relu(s_h / t - 1)^2``) or ``"rescale"`` (post-step scaling of the
+                          offending heads' W_q and W_k rows to ``s_h = t``, like QK-Clip)
+      attention_max_scale target ``t`` on ``s_h``; ``None``: ``64 / n`` (``n`` the input width,
+                          a bound of 64 on the logit of unit-RMS inputs)
+      attention_lambda    ``lambda_base`` of the attention thermostat
+      attention_pairs     ``None`` (find pairs by name patterns) or explicit
+                          ``(q_module, k_module[, n_heads])`` tuples (the same name twice: a
+                          fused ``[q; k; v]`` projection)
     """
 
     ratio: float = 0.05
@@ -72,6 +84,11 @@ class GuardConfig:
     auto_loss: bool = True
     history: int = 10_000
     step_on: Literal["optimizer", "manual"] = "optimizer"
+    attention: bool = False
+    attention_actuator: Literal["penalty", "rescale"] = "penalty"
+    attention_max_scale: float | None = None
+    attention_lambda: float = 0.1
+    attention_pairs: tuple[tuple[Any, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -91,6 +108,18 @@ class GuardConfig:
             raise ValueError(f"history must be >= 0, got {self.history}")
         if self.biopsy_limit < 2 or self.power_iters < 1:
             raise ValueError("biopsy_limit must be >= 2 and power_iters >= 1")
+        if self.attention_actuator not in ("penalty", "rescale"):
+            raise ValueError("attention_actuator must be 'penalty' or 'rescale', got "
+                             f"{self.attention_actuator!r}")
+        if self.attention_max_scale is not None and not self.attention_max_scale > 0:
+            raise ValueError(f"attention_max_scale must be > 0, got {self.attention_max_scale}")
+        if self.attention_lambda < 0:
+            raise ValueError(f"attention_lambda must be >= 0, got {self.attention_lambda}")
+        if self.attention_pairs is not None:
+            pairs = tuple(tuple(p) for p in self.attention_pairs)
+            if any(len(p) not in (2, 3) for p in pairs):
+                raise ValueError("attention_pairs entries are (q_module, k_module[, n_heads])")
+            object.__setattr__(self, "attention_pairs", pairs)
         for name in ("sensors", "exclude"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.include is not None:

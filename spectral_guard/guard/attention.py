@@ -1,0 +1,619 @@
+"""The attention-logit guard: per-head query-key spectral scale, a hinge penalty, a rescale.
+
+For an attention head ``h`` with query rows ``W_q,h`` and key rows ``W_k,h`` (``d_h x n``
+each), the pre-softmax logit between a query input ``x_i`` and a key input ``x_j`` is
+``x_i^T M_h x_j / sqrt(d_h)`` with ``M_h = W_q,h^T W_k,h`` (biases left out). The guard's
+reading is the head's **logit scale**
+
+    ``s_h = sigma_max(M_h) / sqrt(d_h)``,
+
+so ``|logit_ij| <= s_h ||x_i|| ||x_j||``; behind a LayerNorm/RMSNorm with unit gains
+``||x|| ~ sqrt(n)``, hence ``|logit| <~ s_h n``. Attention entropy collapse is the growth of
+this scale (sigmaReparam, Zhai et al. 2023, bound the entropy from below by a decreasing function
+of ``||W_q W_k^T||``; Wortsman et al. 2023, arXiv 2309.14322, show the logit growth at high
+learning rates).
+
+Measurement, on the device with no host read: a warm power iteration on ``M_h`` that never forms
+the ``n x n`` product, batched over heads: ``u <- normalize(W_q,h^T (W_k,h v))``,
+``v <- normalize(W_k,h^T (W_q,h u))``, ``sigma = (W_q,h u) . (W_k,h v)``. ``M_h`` has rank
+``<= d_h``, and the vectors persist across steps, so one iteration per check tracks it.
+
+Actuators (``GuardConfig.attention_actuator``):
+
+* ``"penalty"``: ``lambda * sum_h relu(s_h / t - 1)^2`` with ``s_h`` computed as
+  ``(W_q,h u_h) . (W_k,h v_h) / sqrt(d_h)`` with ``u_h, v_h`` held constant (the exact first-order
+  gradient of ``sigma_max``, as ``torch.nn.utils.parametrizations.spectral_norm`` does) and
+  ``t`` the pair's target scale; ``lambda`` per pair follows the guard's thermostat
+  (:mod:`.thermostat`) with severity ``clip(1 - t / max_h s_h, 0, 1)``;
+* ``"rescale"``: after the optimizer step, a direct weight surgery like QK-Clip (Kimi K2,
+  arXiv 2507.20534) on the measured spectral scale instead of observed logits:
+  ``r_h = min(1, t / s_h)``; the key head ``j`` shared by a group ``G_j`` of query heads (GQA) is
+  scaled by ``f_j = sqrt(min_{h in G_j} r_h)`` and each query head by ``r_h / f_j``, so every
+  head's product ``M_h`` is scaled by exactly ``r_h`` (heads under the target are unchanged).
+  Device ops only (``torch.where``), every pair at every step.
+
+Pairing (:func:`find_pairs`): separate q/k ``nn.Linear`` siblings by name, fused qkv projections
+split by rows (``contiguous`` ``[q; k; v]`` or per-head ``interleaved``), GPT-2's transposed
+``Conv1D``, ``nn.MultiheadAttention``'s ``in_proj_weight``, and pairs named by the user. Head
+counts come from the attention module's attributes, its ``config``, or the model's ``config``;
+grouped-query attention (fewer key heads) is recognized from the key projection's size.
+
+Timing: readings of the pairs sampled at the advance to step ``s`` are copied to host memory
+(pinned + ``non_blocking`` + a CUDA event on GPU) and read at the advance to ``s + 1``, as the
+main guard's checks are: a fixed one-step lag, so runs are deterministic and resumable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from ..estimators import name_seed, no_autocast
+from .sampling import LayerSchedule, check_index
+from .thermostat import ceiling_severity, update_lambda
+
+Tensor = torch.Tensor
+
+DEFAULT_MAX_LOGIT = 64.0
+"""With ``attention_max_scale=None`` a pair's target is ``t = DEFAULT_MAX_LOGIT / n`` (``n`` the
+input width): a bound of ``DEFAULT_MAX_LOGIT`` on ``s_h n``, the logit reachable by unit-RMS
+inputs aligned with the head's top singular pair."""
+
+SEPARATE_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("q_proj", "k_proj"),      # Llama, Mistral, Qwen, OPT, BART, Whisper, GPT-J, Phi
+    ("query", "key"),          # BERT, RoBERTa, ViT (Hugging Face)
+    ("wq", "wk"),              # Meta's Llama reference code
+    ("q", "k"),                # T5 (unscaled attention: the reading keeps its 1/sqrt(d_h))
+    ("to_q", "to_k"),          # diffusers
+    ("q_lin", "k_lin"),        # DistilBERT
+    ("query_proj", "key_proj"),  # DeBERTa-v2
+)
+"""Sibling child names of one attention module: ``(query, key)``."""
+
+FUSED_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("c_attn", "contiguous"),          # GPT-2 (Conv1D, transposed), nanoGPT (Linear)
+    ("qkv", "contiguous"),             # timm ViT
+    ("qkv_proj", "contiguous"),        # Phi-3 (GQA sizes)
+    ("Wqkv", "contiguous"),            # MPT, ModernBERT
+    ("query_key_value", "interleaved"),  # GPT-NeoX, BLOOM: [head][q, k, v][d_h]
+)
+"""Fused projections: child name and row layout."""
+
+HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "heads", "nhead",
+              "n_local_heads")
+KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head",
+                 "n_local_kv_heads", "num_key_value_groups_heads")
+HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairing
+
+
+@dataclass
+class Side:
+    """Where one projection's rows live: ``weight[index]`` (or ``weight[:, index].T`` when
+    ``transposed``, GPT-2's ``Conv1D`` stores ``in x out``)."""
+
+    module: nn.Module
+    attr: str
+    index: Tensor
+    transposed: bool = False
+
+    @property
+    def param(self) -> Tensor:
+        """The stored Parameter (behind the main guard's identity parametrization, if any)."""
+        if self.attr == "weight" and parametrize.is_parametrized(self.module, "weight"):
+            return self.module.parametrizations.weight.original
+        return getattr(self.module, self.attr)
+
+    def rows(self, W: Tensor | None = None) -> Tensor:
+        """The projection's ``(heads * d_h) x n`` block (a differentiable gather)."""
+        W = self.param if W is None else W
+        return W.index_select(1, self.index).mT if self.transposed else W.index_select(0,
+                                                                                      self.index)
+
+    @torch.no_grad()
+    def scale_rows(self, factor: Tensor) -> None:
+        """``rows <- factor[:, None] * rows`` in place (``factor`` per row)."""
+        W = self.param
+        f = factor.to(W.dtype)
+        if self.transposed:
+            W.index_copy_(1, self.index, W.index_select(1, self.index) * f)
+        else:
+            W.index_copy_(0, self.index, W.index_select(0, self.index) * f[:, None])
+
+
+@dataclass
+class AttentionPair:
+    """One attention block's query and key projections and their head geometry."""
+
+    name: str
+    q: Side
+    k: Side
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    in_features: int
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def kv_of_head(self, device: torch.device) -> Tensor:
+        """Key head used by each query head (Llama's ``repeat_kv``: ``h // group``)."""
+        return torch.arange(self.n_heads, device=device) // self.group
+
+    def heads(self, Wq: Tensor | None = None, Wk: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(W_q,h, W_k,kv(h))`` stacked: two ``heads x d_h x n`` tensors (differentiable)."""
+        q = self.q.rows(Wq).reshape(self.n_heads, self.head_dim, self.in_features)
+        k = self.k.rows(Wk).reshape(self.n_kv_heads, self.head_dim, self.in_features)
+        if self.n_kv_heads != self.n_heads:
+            k = k.index_select(0, self.kv_of_head(k.device))
+        return q, k
+
+
+def _int_attr(objs: Iterable[Any], names: Sequence[str]) -> int | None:
+    for obj in objs:
+        if obj is None:
+            continue
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _geometry(q_rows: int, k_rows: int, n: int, owners: list[Any],
+              n_heads: int | None = None) -> tuple[int, int, int]:
+    """``(n_heads, n_kv_heads, head_dim)`` from the given count or the owners' attributes."""
+    if n_heads is None:
+        n_heads = _int_attr(owners, HEAD_ATTRS)
+    head_dim = _int_attr(owners, HEAD_DIM_ATTRS)
+    if n_heads is None and head_dim is not None and q_rows % head_dim == 0:
+        n_heads = q_rows // head_dim
+    if n_heads is None:
+        raise ValueError("number of heads not found (name it: attention_pairs=((q, k, heads),))")
+    if q_rows % n_heads:
+        raise ValueError(f"{q_rows} query rows do not split into {n_heads} heads")
+    d_h = q_rows // n_heads
+    if k_rows % d_h:
+        raise ValueError(f"{k_rows} key rows are not a multiple of head_dim {d_h}")
+    n_kv = k_rows // d_h
+    if n_kv < 1 or n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads do not group over {n_kv} key heads")
+    return n_heads, n_kv, d_h
+
+
+def _owners(model: nn.Module, parent: nn.Module) -> list[Any]:
+    return [parent, getattr(parent, "config", None), getattr(model, "config", None)]
+
+
+def _linear_weight_shape(module: nn.Module) -> tuple[int, int, bool] | None:
+    """``(out, in, transposed)`` of a Linear-like module, or ``None``."""
+    if isinstance(module, nn.Linear):
+        out, n = module.out_features, module.in_features
+        return out, n, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2: weight is in x out
+        W = module.weight
+        if W.dim() == 2:
+            return int(W.shape[1]), int(W.shape[0]), True
+    return None
+
+
+def _fused_indices(out: int, n_heads: int, n_kv: int, d_h: int,
+                   layout: str) -> tuple[Tensor, Tensor]:
+    if layout == "contiguous":
+        q = torch.arange(n_heads * d_h)
+        k = torch.arange(n_heads * d_h, n_heads * d_h + n_kv * d_h)
+        return q, k
+    if layout == "interleaved":  # [head][q, k, v][d_h]
+        base = torch.arange(n_heads)[:, None] * 3 * d_h
+        offs = torch.arange(d_h)[None, :]
+        return (base + offs).reshape(-1), (base + d_h + offs).reshape(-1)
+    raise ValueError(f"unknown fused layout {layout!r}")
+
+
+def _fused_pair(model: nn.Module, name: str, module: nn.Module, parent: nn.Module,
+                layout: str, n_heads: int | None = None) -> AttentionPair:
+    shape = _linear_weight_shape(module)
+    if shape is None:
+        raise ValueError(f"{name} is not a Linear or Conv1D")
+    out, n, transposed = shape
+    owners = _owners(model, parent)
+    if n_heads is None:
+        n_heads = _int_attr(owners, HEAD_ATTRS)
+    if n_heads is None:
+        raise ValueError("number of heads not found")
+    kv = _int_attr(owners, KV_HEAD_ATTRS) if layout == "contiguous" else None
+    n_kv = kv or n_heads
+    if out % (n_heads + 2 * n_kv):
+        raise ValueError(f"{out} fused rows do not split into q, k, v of {n_heads}/{n_kv} heads")
+    d_h = out // (n_heads + 2 * n_kv)
+    qi, ki = _fused_indices(out, n_heads, n_kv, d_h, layout)
+    dev = module.weight.device
+    return AttentionPair(name, Side(module, "weight", qi.to(dev), transposed),
+                         Side(module, "weight", ki.to(dev), transposed), n_heads, n_kv, d_h, n)
+
+
+def _separate_pair(model: nn.Module, name: str, q_mod: nn.Module, k_mod: nn.Module,
+                   parent: nn.Module, n_heads: int | None = None) -> AttentionPair:
+    qs, ks = _linear_weight_shape(q_mod), _linear_weight_shape(k_mod)
+    if qs is None or ks is None:
+        raise ValueError(f"{name}: query/key are not Linear or Conv1D")
+    if qs[1] != ks[1]:
+        raise ValueError(f"{name}: query and key read different widths ({qs[1]} vs {ks[1]})")
+    n_h, n_kv, d_h = _geometry(qs[0], ks[0], qs[1], _owners(model, parent), n_heads)
+    dev = q_mod.weight.device
+    return AttentionPair(name, Side(q_mod, "weight", torch.arange(qs[0], device=dev), qs[2]),
+                         Side(k_mod, "weight", torch.arange(ks[0], device=dev), ks[2]),
+                         n_h, n_kv, d_h, qs[1])
+
+
+def _mha_pair(name: str, mha: nn.MultiheadAttention) -> AttentionPair:
+    d, h = mha.embed_dim, mha.num_heads
+    d_h = d // h
+    if mha.in_proj_weight is not None:
+        dev = mha.in_proj_weight.device
+        return AttentionPair(name, Side(mha, "in_proj_weight", torch.arange(d, device=dev)),
+                             Side(mha, "in_proj_weight", torch.arange(d, 2 * d, device=dev)),
+                             h, h, d_h, d)
+    if mha.kdim != d:
+        raise ValueError(f"{name}: kdim {mha.kdim} != embed_dim {d} (cross attention)")
+    dev = mha.q_proj_weight.device
+    return AttentionPair(name, Side(mha, "q_proj_weight", torch.arange(d, device=dev)),
+                         Side(mha, "k_proj_weight", torch.arange(d, device=dev)), h, h, d_h, d)
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+
+
+def find_pairs(model: nn.Module, named: Sequence[tuple] | None = None
+               ) -> tuple[list[AttentionPair], dict[str, str]]:
+    """Attention pairs of ``model`` and ``{module: reason}`` for candidates that were skipped.
+
+    ``named``: user pairs ``(q_module, k_module)`` or ``(q_module, k_module, n_heads)``; the same
+    name twice means a fused ``[q; k; v]`` projection. When given, nothing else is searched.
+    """
+    pairs: list[AttentionPair] = []
+    skipped: dict[str, str] = {}
+    if named is not None:
+        for spec in named:
+            q_name, k_name = spec[0], spec[1]
+            heads = int(spec[2]) if len(spec) > 2 else None
+            q_mod, k_mod = model.get_submodule(q_name), model.get_submodule(k_name)
+            parent = _parent(model, q_name)
+            if q_name == k_name:
+                pairs.append(_fused_pair(model, q_name, q_mod, parent, "contiguous", heads))
+            else:
+                pairs.append(_separate_pair(model, q_name.rpartition(".")[0] or q_name, q_mod,
+                                            k_mod, parent, heads))
+        return pairs, skipped
+    fused = dict(FUSED_PATTERNS)
+    for name, module in model.named_modules():
+        try:
+            if isinstance(module, nn.MultiheadAttention):
+                pairs.append(_mha_pair(name, module))
+                continue
+            children = dict(module.named_children())
+            for q_child, k_child in SEPARATE_PATTERNS:
+                if q_child in children and k_child in children:
+                    pairs.append(_separate_pair(model, name or q_child, children[q_child],
+                                                children[k_child], module))
+                    break
+            for child_name, child in children.items():
+                if child_name in fused and _linear_weight_shape(child) is not None:
+                    prefix = f"{name}." if name else ""
+                    pairs.append(_fused_pair(model, prefix + child_name, child, module,
+                                             fused[child_name]))
+        except ValueError as exc:
+            skipped[name] = str(exc)
+    return pairs, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Math (pure, on tensors)
+
+
+def power_step(Wq: Tensor, Wk: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One batched power-iteration step on ``M_h = W_q,h^T W_k,h`` (``heads x d_h x n`` inputs,
+    ``heads x n`` vectors) without forming ``M_h``; returns ``(sigma_h, u, v)``."""
+    tiny = torch.finfo(Wq.dtype).tiny
+    Mv = torch.einsum("hdn,hd->hn", Wq, torch.einsum("hdn,hn->hd", Wk, v))
+    u = Mv / Mv.norm(dim=-1, keepdim=True).clamp_min(tiny)
+    a = torch.einsum("hdn,hn->hd", Wq, u)
+    Mtu = torch.einsum("hdn,hd->hn", Wk, a)
+    v = Mtu / Mtu.norm(dim=-1, keepdim=True).clamp_min(tiny)
+    sigma = (a * torch.einsum("hdn,hn->hd", Wk, v)).sum(-1)
+    return sigma, u, v
+
+
+def head_scales(Wq: Tensor, Wk: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """``s_h = (W_q,h u_h) . (W_k,h v_h) / sqrt(d_h)``, differentiable in the weights (``u, v``
+    constant: the first-order gradient of ``sigma_max(M_h) / sqrt(d_h)`` at converged vectors)."""
+    d_h = Wq.shape[-2]
+    a = torch.einsum("hdn,hn->hd", Wq, u.to(Wq.dtype))
+    b = torch.einsum("hdn,hn->hd", Wk, v.to(Wk.dtype))
+    return (a * b).sum(-1) / math.sqrt(d_h)
+
+
+def hinge(scales: Tensor, target: float) -> Tensor:
+    """``sum_h relu(s_h / t - 1)^2`` (zero while every head is at or under its target)."""
+    return torch.relu(scales / target - 1.0).square().sum()
+
+
+def rescale_factors(scales: Tensor, target: float, n_kv: int) -> tuple[Tensor, Tensor]:
+    """Per query head and per key head factors of the rescale actuator (module docstring).
+
+    ``r_h = min(1, t / s_h)`` (1 for non-finite or non-positive ``s_h``); key head
+    ``f_j = sqrt(min_{h in G_j} r_h)``; query head ``r_h / f_kv(h)``.
+    """
+    ok = torch.isfinite(scales) & (scales > target)
+    r = torch.where(ok, target / torch.where(ok, scales, torch.ones_like(scales)),
+                    torch.ones_like(scales))
+    group = scales.numel() // n_kv
+    f_k = r.view(n_kv, group).amin(dim=1).sqrt()
+    f_q = r / f_k.repeat_interleave(group)
+    return f_q, f_k
+
+
+# ----------------------------------------------------------------------------------------------
+# The component
+
+
+@dataclass
+class PairState:
+    """Host state of one pair: target, thermostat lambda, latest reading, counters."""
+
+    target: float
+    lam: float = 0.0
+    scale: float = math.nan
+    baseline: float = math.nan
+    checks: int = 0
+    interventions: int = 0
+    last_checked_step: int = -1
+    head_scales: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    step: int
+    pairs: list[int]
+    host: Tensor
+    event: Any = None
+
+
+class AttentionGuard:
+    """Attention-logit component of the guard (interface: ``on_step``, ``penalty``, ``metrics``,
+    ``state_dict``, ``load_state_dict``, ``remove``; see the module docstring for the math).
+
+    Args:
+        model: the (possibly instrumented) model.
+        config: the :class:`~spectral_guard.guard.config.GuardConfig` (``attention_*`` fields,
+            ``ratio``/``every``/``seed`` for the schedule, ``power_iters``, ``gain``, ``decay``,
+            ``lambda_floor`` for the thermostat).
+        layer_names: the main guard's instrumented layers (kept for reports; the pairs are found
+            by :func:`find_pairs` whether or not their projections are instrumented).
+    """
+
+    BASELINE_ITERS = 30
+
+    def __init__(self, model: nn.Module, config: Any, layer_names: Sequence[str] = ()) -> None:
+        self.model = model
+        self.config = config
+        self.layer_names = list(layer_names)
+        named = getattr(config, "attention_pairs", None)
+        self.pairs, self.skipped = find_pairs(model, named)
+        self.actuator = getattr(config, "attention_actuator", "penalty")
+        self.lambda_base = float(getattr(config, "attention_lambda", 0.1))
+        max_scale = getattr(config, "attention_max_scale", None)
+        self.states = [PairState(float(max_scale) if max_scale is not None
+                                 else DEFAULT_MAX_LOGIT / p.in_features) for p in self.pairs]
+        self._u: list[Tensor] = []
+        self._v: list[Tensor] = []
+        for p in self.pairs:
+            gen = torch.Generator().manual_seed(name_seed(config.seed, "attn:" + p.name))
+            u = torch.randn(p.n_heads, p.in_features, generator=gen)
+            v = torch.randn(p.n_heads, p.in_features, generator=gen)
+            dev, dt = p.q.param.device, _vec_dtype(p.q.param)
+            self._u.append((u / u.norm(dim=-1, keepdim=True)).to(dev, dt))
+            self._v.append((v / v.norm(dim=-1, keepdim=True)).to(dev, dt))
+        self._schedule = LayerSchedule(len(self.pairs), config.ratio, config.seed + 7919)
+        self._pending: _Pending | None = None
+        self._rescaled: Tensor | int = 0  # device counter of (pair, step) rescales
+        self._step = 0
+        with torch.no_grad():
+            for i in range(len(self.pairs)):  # instrumentation: may synchronize
+                s = self._power(i, self.BASELINE_ITERS)
+                self.states[i].baseline = float(s.max())
+        self._launch(0, act=False)
+
+    # -- device half ---------------------------------------------------------------------------
+
+    def _power(self, i: int, iters: int) -> Tensor:
+        """Warm power iteration for pair ``i`` (in place on its vectors); ``s_h`` on device."""
+        p = self.pairs[i]
+        with torch.no_grad(), no_autocast(p.q.param.device.type):
+            Wq, Wk = p.heads()
+            dt = self._u[i].dtype
+            Wq, Wk = Wq.detach().to(dt), Wk.detach().to(dt)
+            u, v = self._u[i], self._v[i]
+            sigma = None
+            for _ in range(iters):
+                sigma, u, v = power_step(Wq, Wk, u, v)
+            self._u[i].copy_(u)
+            self._v[i].copy_(v)
+        return sigma / math.sqrt(p.head_dim)
+
+    def _launch(self, step: int, act: bool = True) -> None:
+        check = check_index(step, self.config.every)
+        sampled = set(self._schedule.layers_for_check(check)) if check is not None else set()
+        iters = self.config.power_iters
+        parts: list[Tensor] = []
+        order: list[int] = []
+        with torch.no_grad():
+            for i, p in enumerate(self.pairs):
+                rescale = act and self.actuator == "rescale"
+                if not (i in sampled or rescale or self.states[i].lam > 0):
+                    continue
+                s = self._power(i, iters)
+                if rescale:
+                    f_q, f_k = rescale_factors(s, self.states[i].target, p.n_kv_heads)
+                    p.q.scale_rows(f_q.repeat_interleave(p.head_dim))
+                    p.k.scale_rows(f_k.repeat_interleave(p.head_dim))
+                    hit = (f_q != 1).any() | (f_k != 1).any()
+                    self._rescaled = self._rescaled + hit.to(torch.int64)
+                if i in sampled:
+                    order.append(i)
+                    parts.append(s.float().to(parts[0].device if parts else s.device))
+        self._pending = None
+        if parts:
+            flat = torch.cat(parts)
+            if flat.device.type == "cuda":
+                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._pending = _Pending(step, order, host, event)
+            else:
+                self._pending = _Pending(step, order, flat.clone())
+
+    # -- host half -----------------------------------------------------------------------------
+
+    def _apply_due(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.event is not None:
+            pending.event.synchronize()  # recorded a step ago: done by now in a normal loop
+        values = pending.host.tolist()
+        at = 0
+        for i in pending.pairs:
+            p, st = self.pairs[i], self.states[i]
+            heads = values[at:at + p.n_heads]
+            at += p.n_heads
+            finite = [x for x in heads if math.isfinite(x)]
+            st.head_scales = heads
+            st.scale = max(finite) if finite else math.nan
+            st.checks += 1
+            st.last_checked_step = pending.step
+            fired = finite != [] and st.scale > st.target
+            st.interventions += int(fired)
+            if self.actuator == "penalty":
+                sev = ceiling_severity(st.scale, st.target) if fired else 0.0
+                st.lam = update_lambda(st.lam, fired, sev, self.lambda_base, self.config.gain,
+                                       self.config.decay, self.config.lambda_floor)
+
+    def on_step(self, step: int) -> None:
+        """Clock advance to ``step``: apply the readings launched at ``step - 1`` (thermostat),
+        then launch this step's power iterations (and rescale, for that actuator)."""
+        self._step = int(step)
+        self._apply_due()
+        self._launch(self._step)
+
+    def penalty(self, device: torch.device | str | None = None) -> Tensor | None:
+        """``sum_pairs lambda * sum_h relu(s_h / t - 1)^2`` in float32 with autocast off (the
+        pairs with ``lambda > 0``), on ``device``; ``None`` when no pair is treated."""
+        if self.actuator != "penalty":
+            return None
+        total: Tensor | None = None
+        for i, p in enumerate(self.pairs):
+            st = self.states[i]
+            if st.lam <= 0:
+                continue
+            with no_autocast(p.q.param.device.type):
+                Wq, Wk = p.heads()
+                s = head_scales(Wq.float(), Wk.float(), self._u[i].float(), self._v[i].float())
+                term = st.lam * hinge(s, st.target)
+                term = torch.where(torch.isfinite(term), term, torch.zeros_like(term))
+            term = term.to(device) if device is not None else term
+            total = term if total is None else total + term
+        return total
+
+    def metrics(self) -> dict[str, float]:
+        """``attention_logit_scale`` (max over pairs of the latest reading),
+        ``attention_treated_pairs``, ``attention_interventions``, ``attention_pairs``."""
+        scales = [st.scale for st in self.states if math.isfinite(st.scale)]
+        return {
+            "attention_logit_scale": max(scales) if scales else math.nan,
+            "attention_treated_pairs": float(sum(st.lam > 0 for st in self.states)),
+            "attention_interventions": float(sum(st.interventions for st in self.states)),
+            "attention_pairs": float(len(self.pairs)),
+            "attention_rescales": float(self._rescaled),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Per pair: geometry, target, reading, lambda, counters; and skipped candidates."""
+        return {
+            "pairs": {p.name: {"heads": p.n_heads, "kv_heads": p.n_kv_heads,
+                               "head_dim": p.head_dim, "target": st.target, "scale": st.scale,
+                               "baseline": st.baseline, "lambda": st.lam, "checks": st.checks,
+                               "interventions": st.interventions,
+                               "last_checked_step": st.last_checked_step}
+                      for p, st in zip(self.pairs, self.states, strict=True)},
+            "skipped": dict(self.skipped),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Host state per pair, the power-iteration vectors and the readings in flight."""
+        pending = None
+        if self._pending is not None:
+            if self._pending.event is not None:
+                self._pending.event.synchronize()
+            pending = {"step": self._pending.step,
+                       "pairs": [self.pairs[i].name for i in self._pending.pairs],
+                       "values": self._pending.host.clone()}
+        return {
+            "version": 1,
+            "step": self._step,
+            "pairs": {p.name: {"state": {k: getattr(st, k) for k in (
+                "target", "lam", "scale", "baseline", "checks", "interventions",
+                "last_checked_step", "head_scales")},
+                "u": self._u[i].detach().cpu().clone(), "v": self._v[i].detach().cpu().clone()}
+                for i, (p, st) in enumerate(zip(self.pairs, self.states, strict=True))},
+            "pending": pending,
+            "rescales": int(self._rescaled),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (same pairs required)."""
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported attention guard state {state.get('version')!r}")
+        names = [p.name for p in self.pairs]
+        if sorted(names) != sorted(state["pairs"]):
+            raise ValueError("attention guard state is for other pairs")
+        for i, name in enumerate(names):
+            saved = state["pairs"][name]
+            st = saved["state"]
+            self.states[i] = PairState(**{**st, "head_scales": list(st["head_scales"])})
+            self._u[i] = saved["u"].to(self._u[i].device, self._u[i].dtype)
+            self._v[i] = saved["v"].to(self._v[i].device, self._v[i].dtype)
+        self._step = int(state["step"])
+        self._rescaled = int(state.get("rescales", 0))
+        pending = state.get("pending")
+        self._pending = None if pending is None else _Pending(
+            int(pending["step"]), [names.index(n) for n in pending["pairs"]],
+            pending["values"].clone())
+
+    def remove(self) -> None:
+        """Drop device state (the component installs no hooks)."""
+        self._pending = None
+        self._u, self._v = [], []
+        self.pairs, self.states = [], []
+
+
+def _vec_dtype(W: Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+def pair_names(pairs: Iterable[AttentionPair]) -> list[str]:
+    """Names of the pairs (for reports)."""
+    return [p.name for p in pairs]
+
