@@ -180,7 +180,8 @@ def _worker(rank: int, world: int, rdv: str, out_dir: str) -> None:
 
 
 def _refusals(world: int) -> dict[str, str]:
-    """The messages of what is refused: instrument() after fully_shard, a Shard(1) weight."""
+    """The messages of what is refused: instrument() after fully_shard, guard.remove() after
+    fully_shard, a Shard(1) weight."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -198,6 +199,15 @@ def _refusals(world: int) -> dict[str, str]:
         out["order"] = str(exc)
     out["order_clean"] = str(getattr(model, "_spectral_guard", None) is None
                              and not hasattr(model.up, "parametrizations"))
+    model = MLP()
+    guard = spectral_guard.instrument(model)
+    fully_shard(model, mesh=mesh)
+    try:
+        guard.remove()
+    except ValueError as exc:
+        out["remove"] = str(exc)
+    out["remove_clean"] = str(hasattr(model.up, "parametrizations")
+                              and getattr(model, "_spectral_guard", None) is guard)
     try:
         sharded.row_shard(distribute_tensor(torch.ones(6, 4), mesh, [Shard(1)]))
     except ValueError as exc:
@@ -213,6 +223,10 @@ def _cat(ranks: list[dict], pick) -> torch.Tensor:
 def test_fsdp2_matches_unsharded(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
+    import torch.distributed.fsdp as fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("FSDP2 on CPU needs torch >= 2.6 (2.5's fully_shard requires CUDA)")
     mp.spawn(_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2)]
     tol = {"rtol": 1e-4, "atol": 1e-6}
@@ -264,6 +278,8 @@ def test_fsdp2_matches_unsharded(tmp_path):
     assert "before fully_shard" in refused["order"] and "\n" not in refused["order"]
     assert refused["order_clean"] == "True"
     assert "dim 0 over a 1-D mesh" in refused["placement"]
+    assert "remove() is not supported after fully_shard" in refused["remove"]
+    assert refused["remove_clean"] == "True"  # the guard is still installed and working
 
 
 def _check_collectives(arm: str, rec: dict[str, Any]) -> None:

@@ -574,6 +574,7 @@ class Guard:
     def remove(self) -> nn.Module:
         """Take every hook and parametrization off; returns the plain model."""
         if not self._removed:
+            sharded.check_removable(self.model)  # not under FSDP2 (one-line ValueError)
             self._uninstall()
             self._removed = True
         return self.model

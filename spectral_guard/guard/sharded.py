@@ -44,13 +44,18 @@ the sharded gradient is ``mean_k grad L_k + grad P``, as unsharded with the glob
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+
+try:  # a torch built without distributed support has no DTensor: nothing is ever sharded
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor = Shard = None  # type: ignore[assignment,misc]
 
 from ..estimators import no_autocast
 from .penalties import condition_term
@@ -65,7 +70,7 @@ ORDER = ("spectral_guard.instrument(model) must come before fully_shard(model): 
 
 def is_sharded(W: Any) -> bool:
     """True for a DTensor weight (a sharded parameter, e.g. under FSDP2)."""
-    return isinstance(W, DTensor)
+    return DTensor is not None and isinstance(W, DTensor)
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,30 @@ def term(W: DTensor, probe: GuardProbe, st: LayerState, actuator: str) -> Tensor
                                    st.log_kappa_max, st.cond_eps)
         out = t if out is None else out + t
     return out
+
+
+def check_removable(model: torch.nn.Module) -> None:
+    """Refuse ``guard.remove()`` on a model sharded by FSDP2 (one line): FSDP2 keeps un- and
+    re-sharding the parametrization's ``original``, and its wrapper classes cannot lose the
+    ``weight`` property, so removing would break the model."""
+    fsdp = fsdp_module_type()
+    if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
+        raise ValueError("spectral_guard: guard.remove() is not supported after fully_shard "
+                         "(FSDP2 manages the parametrized weights); remove the guard before "
+                         "sharding, or keep it: model.state_dict() already has the plain keys")
+
+
+def fsdp_module_type() -> type | None:
+    """FSDP2's ``FSDPModule`` (``torch.distributed.fsdp`` from torch 2.6, ``_composable.fsdp``
+    in 2.5), or ``None`` without distributed support."""
+    for path in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
+        try:
+            found = getattr(importlib.import_module(path), "FSDPModule", None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found
+    return None
 
 
 def check_order(name: str, W: Any) -> None:
