@@ -103,6 +103,7 @@ def _train(arm: str, rank: int, world: int, guarded: bool = True) -> dict[str, A
             sizes.clear()
             opt.zero_grad()
     rec["params"] = {n: _local(p) for n, p in model.named_parameters()}
+    rec["keys"] = list(model.state_dict())
     if guard is not None:
         rec["history"] = list(guard.history)
         rec["state"] = guard.state_dict()
@@ -266,6 +267,8 @@ def test_fsdp2_matches_unsharded(tmp_path):
                 plain["grads"][1][f"{name}.weight"]
             moved = (g - g0).abs().max()
             assert moved > 1e-3, (arm, name, float(moved))
+        assert sh[0]["keys"] == plain["keys"] == ["up.weight", "up.bias", "mid.weight",
+                                                   "mid.bias", "out.weight", "out.bias"]
         for name, p in ref["params"].items():
             torch.testing.assert_close(_cat(sh, lambda r, n=name: r["params"][n]), p, **tol)
         for name, g in ref["surrogate"].items():
