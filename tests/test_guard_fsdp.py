@@ -12,6 +12,7 @@ layers, so its rows fall on both ranks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import os
 from collections.abc import Iterator
@@ -62,23 +63,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def _train(arm: str, rank: int, world: int, guarded: bool = True) -> dict[str, Any]:
-    """One run of ``arm``: unsharded with the whole batch (``world == 1``) or FSDP2 with this
-    rank's half. Returns per step the gradients and penalty, then the final state."""
+def _setup(arm: str, world: int, guarded: bool = True, init_seed: int = 0) -> tuple:
+    """``(model, guard, optimizer)``: instrumented first, then (``world > 1``) sharded."""
     import spectral_guard
     from spectral_guard.thresholds import Rule, Thresholds
 
     spec = ARMS[arm]
     with torch.random.fork_rng():
-        torch.manual_seed(0)
+        torch.manual_seed(init_seed)
         model = MLP()
     guard = None
     if guarded:
         guard = spectral_guard.instrument(
             model, ratio=1.0, biopsy_limit=16, fiedler_rows=8, sensors=spec["sensors"],
             actuator=spec.get("actuator", "spectral"), lambda_base=spec.get("lambda_base"),
-            thresholds=Thresholds(
-                Rule(**spec["fields"])))
+            thresholds=Thresholds(Rule(**spec["fields"])))
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -87,13 +86,22 @@ def _train(arm: str, rank: int, world: int, guarded: bool = True) -> dict[str, A
         fully_shard(model.up, mesh=mesh)
         fully_shard(model.mid, mesh=mesh)
         fully_shard(model, mesh=mesh)  # `out` stays in the root group
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    rec: dict[str, Any] = {"grads": [], "penalty": [], "forward_sizes": [], "check_sizes": []}
+    return model, guard, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+
+
+def _half(batch: tuple[torch.Tensor, torch.Tensor], rank: int, world: int) -> tuple:
     part = BATCH // world
+    return tuple(t[rank * part:(rank + 1) * part] for t in batch)
+
+
+def _train(arm: str, rank: int, world: int, guarded: bool = True) -> dict[str, Any]:
+    """One run of ``arm``: unsharded with the whole batch (``world == 1``) or FSDP2 with this
+    rank's half. Returns per step the gradients and penalty, then the final state."""
+    model, guard, opt = _setup(arm, world, guarded)
+    rec: dict[str, Any] = {"grads": [], "penalty": [], "forward_sizes": [], "check_sizes": []}
     with _counting_all_reduce() as sizes:
-        for x, y in _batches():
-            x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
-            model(x, y)["loss"].backward()
+        for batch in _batches():
+            model(*_half(batch, rank, world))["loss"].backward()
             rec["forward_sizes"].append(sizes[:])
             sizes.clear()
             rec["grads"].append({n: _local(p.grad) for n, p in model.named_parameters()})
@@ -110,6 +118,29 @@ def _train(arm: str, rank: int, world: int, guarded: bool = True) -> dict[str, A
         rec["surrogate"] = _collapse_grads(model, guard)
         rec["nonfinite"] = _inject_nan(model, guard)
     return rec
+
+
+def _resumed(arm: str, rank: int, world: int, at: int = 2) -> dict[str, Any]:
+    """``at`` steps, save (model, optimizer, guard), restore into a freshly built, instrumented
+    and sharded model with another init, then the remaining steps."""
+    model, guard, opt = _setup(arm, world)
+    batches = _batches()
+    for batch in batches[:at]:
+        model(*_half(batch, rank, world))["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    saved = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+             "opt": copy.deepcopy(opt.state_dict()), "guard": guard.state_dict()}
+    model, guard, opt = _setup(arm, world, init_seed=5)
+    model.load_state_dict(saved["model"])  # retakes the baselines (collectives on every rank)
+    opt.load_state_dict(saved["opt"])
+    guard.load_state_dict(saved["guard"])
+    for batch in batches[at:]:
+        model(*_half(batch, rank, world))["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    return {"params": {n: _local(p) for n, p in model.named_parameters()},
+            "state": guard.state_dict()}
 
 
 @contextlib.contextmanager
@@ -174,6 +205,7 @@ def _worker(rank: int, world: int, rdv: str, out_dir: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     try:
         result = {arm: _train(arm, rank, world) for arm in ARMS}
+        result["resumed"] = _resumed("spectral", rank, world)
         result["refused"] = _refusals(world)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -277,6 +309,11 @@ def test_fsdp2_matches_unsharded(tmp_path):
         assert ref["nonfinite"] == sh[0]["nonfinite"] == sh[1]["nonfinite"]
         assert ref["nonfinite"] == {"up": (False, 0), "mid": (True, 1), "out": (False, 0)}
         _check_collectives(arm, sh[0])
+    # resume under FSDP2: bit for bit the uninterrupted run, on each rank
+    for r in ranks:
+        for name, p in r["spectral"]["params"].items():
+            assert torch.equal(r["resumed"]["params"][name], p), name
+        assert repr(r["resumed"]["state"]) == repr(r["spectral"]["state"])
     refused = ranks[0]["refused"]
     assert "before fully_shard" in refused["order"] and "\n" not in refused["order"]
     assert refused["order_clean"] == "True"
