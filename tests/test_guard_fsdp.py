@@ -94,14 +94,20 @@ def _half(batch: tuple[torch.Tensor, torch.Tensor], rank: int, world: int) -> tu
     return tuple(t[rank * part:(rank + 1) * part] for t in batch)
 
 
-def _train(arm: str, rank: int, world: int, guarded: bool = True) -> dict[str, Any]:
+def _train(arm: str, rank: int, world: int, guarded: bool = True, micro: int = 1
+           ) -> dict[str, Any]:
     """One run of ``arm``: unsharded with the whole batch (``world == 1``) or FSDP2 with this
-    rank's half. Returns per step the gradients and penalty, then the final state."""
+    rank's half, in ``micro`` micro-batches (loss / micro; FSDP2 reduces after the last).
+    Returns per step the gradients and penalty, then the final state."""
     model, guard, opt = _setup(arm, world, guarded)
     rec: dict[str, Any] = {"grads": [], "penalty": [], "forward_sizes": [], "check_sizes": []}
     with _counting_all_reduce() as sizes:
         for batch in _batches():
-            model(*_half(batch, rank, world))["loss"].backward()
+            x, y = _half(batch, rank, world)
+            for i, (xs, ys) in enumerate(zip(x.chunk(micro), y.chunk(micro), strict=True)):
+                if world > 1:
+                    model.set_requires_gradient_sync(i == micro - 1)
+                (model(xs, ys)["loss"] / micro).backward()
             rec["forward_sizes"].append(sizes[:])
             sizes.clear()
             rec["grads"].append({n: _local(p.grad) for n, p in model.named_parameters()})
@@ -206,6 +212,7 @@ def _worker(rank: int, world: int, rdv: str, out_dir: str) -> None:
     try:
         result = {arm: _train(arm, rank, world) for arm in ARMS}
         result["resumed"] = _resumed("spectral", rank, world)
+        result["accumulated"] = _train("spectral", rank, world, micro=2)
         result["refused"] = _refusals(world)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -309,6 +316,17 @@ def test_fsdp2_matches_unsharded(tmp_path):
         assert ref["nonfinite"] == sh[0]["nonfinite"] == sh[1]["nonfinite"]
         assert ref["nonfinite"] == {"up": (False, 0), "mid": (True, 1), "out": (False, 0)}
         _check_collectives(arm, sh[0])
+    # 2 micro-batches per rank, gradient sync on the last: the same as one batch unsharded
+    ref = _train("spectral", 0, 1)
+    acc = [r["accumulated"] for r in ranks]
+    assert repr(acc[0]["history"]) == repr(acc[1]["history"])
+    for a, b in zip(ref["history"], acc[0]["history"], strict=True):
+        assert b["lambda"] == pytest.approx(a["lambda"], rel=1e-4)
+        assert b["effective_rank"] == pytest.approx(a["effective_rank"], rel=1e-4)
+    for step in range(STEPS):
+        for name, g in ref["grads"][step].items():
+            got = _cat(acc, lambda r, n=name, s=step: r["grads"][s][n])
+            torch.testing.assert_close(got, g, **tol, msg=f"accumulated step {step} {name}")
     # resume under FSDP2: bit for bit the uninterrupted run, on each rank
     for r in ranks:
         for name, p in r["spectral"]["params"].items():
