@@ -30,8 +30,10 @@ ARMS: dict[str, dict[str, Any]] = {
                  "fields": {"effective_rank_retention_min": 2.0,
                             "condition_number_growth_max": 0.5}},
     "l2": {"sensors": ("effective_rank",), "actuator": "l2", "lambda_base": 0.05,
-           "fields": {"effective_rank_retention_min": 2.0}},
+           "fields": {"effective_rank_retention_min": 2.0}, "auto_loss": False},
 }
+"""``spectral``: the penalty joins ``output["loss"]`` in the root forward hook (auto_loss);
+``l2``: a plain loop adds ``guard.penalty()`` after the forward."""
 STEPS = 3
 BATCH = 8
 GUARDED = ("up", "mid", "out")
@@ -77,7 +79,7 @@ def _setup(arm: str, world: int, guarded: bool = True, init_seed: int = 0) -> tu
         guard = spectral_guard.instrument(
             model, ratio=1.0, biopsy_limit=16, fiedler_rows=8, sensors=spec["sensors"],
             actuator=spec.get("actuator", "spectral"), lambda_base=spec.get("lambda_base"),
-            thresholds=Thresholds(Rule(**spec["fields"])))
+            auto_loss=spec.get("auto_loss", True), thresholds=Thresholds(Rule(**spec["fields"])))
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -107,7 +109,10 @@ def _train(arm: str, rank: int, world: int, guarded: bool = True, micro: int = 1
             for i, (xs, ys) in enumerate(zip(x.chunk(micro), y.chunk(micro), strict=True)):
                 if world > 1:
                     model.set_requires_gradient_sync(i == micro - 1)
-                (model(xs, ys)["loss"] / micro).backward()
+                loss = model(xs, ys)["loss"]
+                if guard is not None and not guard.config.auto_loss:
+                    loss = loss + guard.penalty()
+                (loss / micro).backward()
             rec["forward_sizes"].append(sizes[:])
             sizes.clear()
             rec["grads"].append({n: _local(p.grad) for n, p in model.named_parameters()})
