@@ -7,6 +7,10 @@ forced to fire on every check (thresholds no layer can meet), so every step carr
 terms: collapse and conditioning (``actuator="spectral"``) in one arm, ``l2`` in the other.
 Layer sizes are odd (37 and 29 rows: uneven shards) and the biopsy is smaller than the
 layers, so its rows fall on both ranks.
+
+One spawn (the ``runs`` fixture) records everything the tests compare: both arms, 2
+micro-batches with the gradient sync on the last, a save/restore at step 2, a NaN injected on
+rank 1's rows, the all-reduce sizes, and the refusals.
 """
 
 from __future__ import annotations
@@ -264,66 +268,94 @@ def _cat(ranks: list[dict], pick) -> torch.Tensor:
     return torch.cat([pick(r) for r in ranks])
 
 
-@pytest.mark.timeout(150)
-def test_fsdp2_matches_unsharded(tmp_path):
+TOL = {"rtol": 1e-4, "atol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[dict[str, Any]]:
+    """What each of the 2 FSDP2 ranks recorded (one spawn for the whole module)."""
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
     import torch.distributed.fsdp as fsdp
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("FSDP2 on CPU needs torch >= 2.6 (2.5's fully_shard requires CUDA)")
-    mp.spawn(_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2)]
-    tol = {"rtol": 1e-4, "atol": 1e-6}
-    for arm in ARMS:
-        ref, plain = _train(arm, 0, 1), _train(arm, 0, 1, guarded=False)
-        sh = [r[arm] for r in ranks]
-        # every rank holds the same guard state (schedule, readings, lambdas, u, v)
-        assert repr(sh[0]["history"]) == repr(sh[1]["history"]), arm
-        assert repr(sh[0]["state"]) == repr(sh[1]["state"]), arm
-        # readings and lambdas: as unsharded, every layer at every step
-        assert len(ref["history"]) == len(sh[0]["history"]) == len(GUARDED) * STEPS
-        for a, b in zip(ref["history"], sh[0]["history"], strict=True):
-            assert (a["step"], a["layer"], a["triggered"]) == (b["step"], b["layer"],
-                                                               b["triggered"])
-            for key in ("effective_rank", "stable_rank", "sigma_max", "lambda",
-                        "effective_rank_retention", "condition_growth"):
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (arm, a, key)
-        assert all(h["lambda"] > 0 for h in ref["history"])
-        for name, saved in ref["state"]["layers"].items():
-            other = sh[0]["state"]["layers"][name]
-            assert other["state"]["lambdas"] == pytest.approx(saved["state"]["lambdas"],
-                                                              rel=1e-5)
-            for key in ("u", "v", "cond_u", "cond_v"):
-                torch.testing.assert_close(other["tensors"][key], saved["tensors"][key], **tol)
-        # the penalty's value is the global one on each rank
-        for step in range(1, STEPS):
-            assert sh[0]["penalty"][step] == pytest.approx(ref["penalty"][step], rel=1e-4)
-            assert sh[1]["penalty"][step] == sh[0]["penalty"][step]
-            assert ref["penalty"][step] > 0
-        # gradients: FSDP2's reduce-scatter mean of the task part + the exact penalty part
-        for step in range(STEPS):
-            for name, g in ref["grads"][step].items():
-                got = _cat(sh, lambda r, n=name, s=step: r["grads"][s][n])
-                torch.testing.assert_close(got, g, **tol, msg=f"{arm} step {step} {name}")
-        for name in GUARDED:  # the penalty moved the gradient far beyond the tolerance
-            g, g0 = ref["grads"][1][f"{name}.parametrizations.weight.original"], \
-                plain["grads"][1][f"{name}.weight"]
-            moved = (g - g0).abs().max()
-            assert moved > 1e-3, (arm, name, float(moved))
-        assert sh[0]["keys"] == plain["keys"] == ["up.weight", "up.bias", "mid.weight",
-                                                   "mid.bias", "out.weight", "out.bias"]
-        for name, p in ref["params"].items():
-            torch.testing.assert_close(_cat(sh, lambda r, n=name: r["params"][n]), p, **tol)
-        for name, g in ref["surrogate"].items():
-            torch.testing.assert_close(_cat(sh, lambda r, n=name: r["surrogate"][n]), g, **tol)
-        # the NaN on rank 1's rows is flagged on both ranks, as unsharded
-        assert ref["nonfinite"] == sh[0]["nonfinite"] == sh[1]["nonfinite"]
-        assert ref["nonfinite"] == {"up": (False, 0), "mid": (True, 1), "out": (False, 0)}
-        _check_collectives(arm, sh[0])
-    # 2 micro-batches per rank, gradient sync on the last: the same as one batch unsharded
-    ref = _train("spectral", 0, 1)
-    acc = [r["accumulated"] for r in ranks]
+    tmp = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(2, str(tmp / "rdv"), str(tmp)), nprocs=2, join=True)
+    return [torch.load(tmp / f"rank{i}.pt", weights_only=False) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def refs() -> dict[str, dict[str, Any]]:
+    """The unsharded runs: per arm, guarded and (``<arm>/plain``) unguarded."""
+    out = {arm: _train(arm, 0, 1) for arm in ARMS}
+    out |= {f"{arm}/plain": _train(arm, 0, 1, guarded=False) for arm in ARMS}
+    return out
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_fsdp2_readings_lambdas_and_state_match_unsharded(runs, refs, arm):
+    ref, sh = refs[arm], [r[arm] for r in runs]
+    # every rank holds the same guard state (schedule, readings, lambdas, u, v, in flight)
+    assert repr(sh[0]["history"]) == repr(sh[1]["history"])
+    assert repr(sh[0]["state"]) == repr(sh[1]["state"])
+    # readings and lambdas: as unsharded, every layer at every step
+    assert len(ref["history"]) == len(sh[0]["history"]) == len(GUARDED) * STEPS
+    for a, b in zip(ref["history"], sh[0]["history"], strict=True):
+        assert (a["step"], a["layer"], a["triggered"]) == (b["step"], b["layer"], b["triggered"])
+        for key in ("effective_rank", "stable_rank", "sigma_max", "lambda",
+                    "effective_rank_retention", "condition_growth"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a, key)
+    assert all(h["lambda"] > 0 for h in ref["history"])
+    for name, saved in ref["state"]["layers"].items():
+        other = sh[0]["state"]["layers"][name]
+        assert other["state"]["lambdas"] == pytest.approx(saved["state"]["lambdas"], rel=1e-5)
+        for key in ("u", "v", "cond_u", "cond_v"):
+            torch.testing.assert_close(other["tensors"][key], saved["tensors"][key], **TOL)
+    # the NaN on rank 1's rows is flagged and counted on both ranks, as unsharded
+    assert ref["nonfinite"] == sh[0]["nonfinite"] == sh[1]["nonfinite"]
+    assert ref["nonfinite"] == {"up": (False, 0), "mid": (True, 1), "out": (False, 0)}
+    assert sh[0]["keys"] == refs[f"{arm}/plain"]["keys"] == [
+        "up.weight", "up.bias", "mid.weight", "mid.bias", "out.weight", "out.bias"]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_fsdp2_penalty_and_gradients_match_unsharded(runs, refs, arm):
+    ref, plain, sh = refs[arm], refs[f"{arm}/plain"], [r[arm] for r in runs]
+    # the penalty's value is the global one on each rank
+    for step in range(1, STEPS):
+        assert sh[0]["penalty"][step] == pytest.approx(ref["penalty"][step], rel=1e-4)
+        assert sh[1]["penalty"][step] == sh[0]["penalty"][step]
+        assert ref["penalty"][step] > 0
+    # gradients: FSDP2's reduce-scatter mean of the task part + the exact penalty part
+    for step in range(STEPS):
+        for name, g in ref["grads"][step].items():
+            got = _cat(sh, lambda r, n=name, s=step: r["grads"][s][n])
+            torch.testing.assert_close(got, g, **TOL, msg=f"step {step} {name}")
+    for name in GUARDED:  # the penalty moved the gradient far beyond the tolerance
+        g = ref["grads"][1][f"{name}.parametrizations.weight.original"]
+        moved = (g - plain["grads"][1][f"{name}.weight"]).abs().max()
+        assert moved > 1e-3, (name, float(moved))
+    for name, p in ref["params"].items():
+        torch.testing.assert_close(_cat(sh, lambda r, n=name: r["params"][n]), p, **TOL)
+    for name, g in ref["surrogate"].items():
+        torch.testing.assert_close(_cat(sh, lambda r, n=name: r["surrogate"][n]), g, **TOL)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_fsdp2_collective_sizes(runs, arm):
+    _check_collectives(arm, runs[0][arm])
+    assert runs[0][arm]["check_sizes"] == runs[1][arm]["check_sizes"]
+    assert runs[0][arm]["forward_sizes"] == runs[1][arm]["forward_sizes"]
+
+
+@pytest.mark.timeout(150)
+def test_fsdp2_gradient_accumulation_matches_one_unsharded_batch(runs, refs):
+    """2 micro-batches per rank, gradient sync on the last: as one batch unsharded."""
+    ref, acc = refs["spectral"], [r["accumulated"] for r in runs]
     assert repr(acc[0]["history"]) == repr(acc[1]["history"])
     for a, b in zip(ref["history"], acc[0]["history"], strict=True):
         assert b["lambda"] == pytest.approx(a["lambda"], rel=1e-4)
@@ -331,13 +363,20 @@ def test_fsdp2_matches_unsharded(tmp_path):
     for step in range(STEPS):
         for name, g in ref["grads"][step].items():
             got = _cat(acc, lambda r, n=name, s=step: r["grads"][s][n])
-            torch.testing.assert_close(got, g, **tol, msg=f"accumulated step {step} {name}")
-    # resume under FSDP2: bit for bit the uninterrupted run, on each rank
-    for r in ranks:
+            torch.testing.assert_close(got, g, **TOL, msg=f"step {step} {name}")
+
+
+@pytest.mark.timeout(150)
+def test_fsdp2_resume_is_bit_for_bit(runs):
+    for r in runs:
         for name, p in r["spectral"]["params"].items():
             assert torch.equal(r["resumed"]["params"][name], p), name
         assert repr(r["resumed"]["state"]) == repr(r["spectral"]["state"])
-    refused = ranks[0]["refused"]
+
+
+@pytest.mark.timeout(150)
+def test_fsdp2_refusals(runs):
+    refused = runs[0]["refused"]
     assert "before fully_shard" in refused["order"] and "\n" not in refused["order"]
     assert refused["order_clean"] == "True"
     assert "dim 0 over a 1-D mesh" in refused["placement"]
