@@ -145,6 +145,7 @@ def test_original_name_rules():
         "layers.0.w"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # importing torch._dynamo
 def test_parameters_untouched_no_graph_and_wrappers():
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 512))
@@ -157,6 +158,8 @@ def test_parameters_untouched_no_graph_and_wrappers():
         assert torch.equal(p.detach(), b)  # anonymous memory: never madvise'd away
         assert p.grad is None
     assert torch.equal(model(x), out)
+    compiled = torch.compile(model)  # wraps lazily: nothing is compiled until it is called
+    assert [m.name for m in audit(compiled).matrices] == [m.name for m in report.matrices]
 
 
 def test_meta_model_and_bad_options():
