@@ -1,7 +1,8 @@
 """spectral_guard: keep the weight matrices of PyTorch models spectrally healthy.
 
 * ``spectral_guard.instrument(model)``: training-time guard (sampled sensors, adaptive penalty).
-* ``spectral_guard.audit(path)``: streaming audit of safetensors checkpoints.
+* ``spectral_guard.audit(path_or_model)``: streaming audit of safetensors and PyTorch
+  checkpoints, live models and state_dicts.
 * ``spectral_guard.sensors`` / ``spectral_guard.estimators``: the math, as pure functions.
 
 Heavy submodules are imported on first use, so ``import spectral_guard`` stays fast.
