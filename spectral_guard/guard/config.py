@@ -144,6 +144,13 @@ class GuardConfig:
             raise TypeError(f"unknown GuardConfig field(s): {', '.join(unknown)}")
         return replace(self, **overrides)
 
+    def __rich__(self) -> object:
+        """``rich.print(config)`` draws it as a table
+        (:func:`spectral_guard.calibrate.render_config`)."""
+        from ..calibrate import render_config
+
+        return render_config(self)
+
     @classmethod
     def coerce(cls, config: GuardConfig | Thresholds | str | Path | None,
                **overrides: Any) -> GuardConfig:
