@@ -291,6 +291,20 @@ def test_one_step_lag_thermostat_and_penalty_only_when_over_target() -> None:
     assert low.metrics()["attention_logit_scale"] == pytest.approx(st.scale)
 
 
+def test_default_target_is_a_logit_bound_or_the_pretrained_scale() -> None:
+    fresh = seeded_model(0, n_layers=1, d=32, heads=2, seq=32)   # init scale ~0.005
+    guard = AttentionGuard(fresh, cfg())
+    assert guard.states[0].target == 64.0 / 32
+    big = _randomize(nn.Sequential(LlamaAttention()), scale=2.0)   # "pretrained": above 64 / n
+    guard = AttentionGuard(big, cfg())
+    s0 = float(explicit_scales(big[0].q_proj.weight, big[0].k_proj.weight, 6, 2).max())
+    assert s0 > 64.0 / 48
+    assert guard.states[0].target == pytest.approx(1.5 * s0, rel=1e-4)
+    guard.on_step(1)
+    assert guard.states[0].lam == 0.0          # its own starting scale is not a violation
+    assert AttentionGuard(big, cfg(attention_max_scale=0.5)).states[0].target == 0.5
+
+
 def test_sampling_schedule_visits_pairs_in_turn() -> None:
     model = seeded_model(0, n_layers=4, d=32, heads=4)
     guard = AttentionGuard(model, cfg(ratio=0.25, attention_max_scale=1e6))
@@ -411,3 +425,61 @@ def test_cuda_step_has_no_host_sync() -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert guard.metrics()["attention_logit_scale"] > 0
+
+
+def _hf_models():
+    T = pytest.importorskip("transformers")
+    small = dict(num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    return {
+        "llama": T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32,
+                                                  num_key_value_heads=2,
+                                                  max_position_embeddings=32, **small)),
+        "gpt2": T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                               n_positions=32, bos_token_id=0,
+                                               eos_token_id=0)),
+        "bert": T.BertModel(T.BertConfig(vocab_size=64, hidden_size=32,
+                                         max_position_embeddings=32, **small)),
+        "neox": T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=64, hidden_size=32,
+                                                     max_position_embeddings=32, **small)),
+    }
+
+
+def _hf_heads(kind: str, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head ``W_q,h`` and ``W_k,kv(h)`` (``4 x 8 x 32``), read the way each architecture's
+    forward splits its projections: the projections applied to the identity, biases off."""
+    eye = torch.eye(32)
+    with torch.no_grad():
+        if kind == "llama":
+            att = model.model.layers[0].self_attn
+            q = att.q_proj(eye).view(32, 4, 8)
+            k = att.k_proj(eye).view(32, 2, 8).repeat_interleave(2, dim=1)  # repeat_kv
+        elif kind == "bert":
+            att = model.encoder.layer[0].attention.self
+            q = (att.query(eye) - att.query.bias).view(32, 4, 8)
+            k = (att.key(eye) - att.key.bias).view(32, 4, 8)
+        elif kind == "gpt2":
+            c_attn = model.transformer.h[0].attn.c_attn
+            q, k, _ = (c_attn(eye) - c_attn.bias).split(32, dim=1)   # GPT-2's forward split
+            q, k = q.reshape(32, 4, 8), k.reshape(32, 4, 8)
+        else:
+            qkv_lin = model.gpt_neox.layers[0].attention.query_key_value
+            qkv = (qkv_lin(eye) - qkv_lin.bias).view(32, 4, 24)     # NeoX: view, then chunk
+            q, k, _ = qkv.chunk(3, dim=-1)
+    return q.permute(1, 2, 0), k.permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "neox"])
+def test_hugging_face_attention_is_paired_as_its_forward_splits_it(kind: str,
+                                                                   single_thread) -> None:
+    torch.manual_seed(0)
+    model = _hf_models()[kind]
+    _randomize(model, scale=0.3)
+    guard = AttentionGuard(model, cfg(ratio=1.0))
+    assert len(guard.pairs) == 1, guard.skipped
+    pair = guard.pairs[0]
+    assert (pair.n_heads, pair.n_kv_heads, pair.head_dim) == (4, 2 if kind == "llama" else 4, 8)
+    Wq, Wk = _hf_heads(kind, model)
+    ref = torch.stack([torch.linalg.svdvals(Wq[h].double().T @ Wk[h].double())[0]
+                       for h in range(4)]) / math.sqrt(8)
+    converge(guard)
+    torch.testing.assert_close(guard._power(0, 1).double(), ref, rtol=1e-4, atol=0)

@@ -61,9 +61,15 @@ from .thermostat import ceiling_severity, update_lambda
 Tensor = torch.Tensor
 
 DEFAULT_MAX_LOGIT = 64.0
-"""With ``attention_max_scale=None`` a pair's target is ``t = DEFAULT_MAX_LOGIT / n`` (``n`` the
-input width): a bound of ``DEFAULT_MAX_LOGIT`` on ``s_h n``, the logit reachable by unit-RMS
-inputs aligned with the head's top singular pair."""
+"""With ``attention_max_scale=None`` a pair's target is
+``t = max(DEFAULT_MAX_LOGIT / n, BASELINE_MARGIN * s_0)`` (``n`` the input width, ``s_0`` the
+pair's largest head scale when instrumented): a bound of ``DEFAULT_MAX_LOGIT`` on ``s_h n``,
+the logit reachable by unit-RMS inputs aligned with the head's top singular pair; weights that
+start above it (a pretrained model) are held within ``BASELINE_MARGIN`` of their own starting
+scale instead of being cut down to it."""
+
+BASELINE_MARGIN = 1.5
+"""How far above its instrumented scale a pair may grow when that is above the default target."""
 
 SEPARATE_PATTERNS: tuple[tuple[str, str], ...] = (
     ("q_proj", "k_proj"),      # Llama, Mistral, Qwen, OPT, BART, Whisper, GPT-J, Phi
@@ -433,6 +439,9 @@ class AttentionGuard:
             for i in range(len(self.pairs)):  # instrumentation: may synchronize
                 s = self._power(i, self.BASELINE_ITERS)
                 self.states[i].baseline = float(s.max())
+                if max_scale is None and math.isfinite(self.states[i].baseline):
+                    self.states[i].target = max(self.states[i].target,
+                                                BASELINE_MARGIN * self.states[i].baseline)
         self._launch(0, act=False)
 
     # -- device half ---------------------------------------------------------------------------

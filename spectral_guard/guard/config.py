@@ -56,8 +56,9 @@ class GuardConfig:
       attention_actuator  ``"penalty"`` (thermostat-driven hinge ``lambda sum_h
                           relu(s_h / t - 1)^2``) or ``"rescale"`` (post-step scaling of the
                           offending heads' W_q and W_k rows to ``s_h = t``, like QK-Clip)
-      attention_max_scale target ``t`` on ``s_h``; ``None``: ``64 / n`` (``n`` the input width,
-                          a bound of 64 on the logit of unit-RMS inputs)
+      attention_max_scale target ``t`` on ``s_h``; ``None``: ``max(64 / n, 1.5 s_0)`` (``n``
+                          the input width: a bound of 64 on the logit of unit-RMS inputs;
+                          ``s_0`` the pair's scale when instrumented, for pretrained weights)
       attention_lambda    ``lambda_base`` of the attention thermostat
       attention_pairs     ``None`` (find pairs by name patterns) or explicit
                           ``(q_module, k_module[, n_heads])`` tuples (the same name twice: a
