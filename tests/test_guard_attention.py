@@ -99,6 +99,7 @@ def _randomize(model: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module
 
 
 def cfg(**kw) -> GuardConfig:
+    kw.setdefault("attention_actuator", "penalty")
     return GuardConfig(attention=True, **kw)
 
 
@@ -227,6 +228,8 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="attention_pairs"):
         GuardConfig(attention_pairs=(("q",),))
     assert GuardConfig(attention_pairs=[["a", "b"]]).attention_pairs == (("a", "b"),)
+    default = GuardConfig()   # off by default; rescale when on (the benchmark's pick)
+    assert default.attention is False and default.attention_actuator == "rescale"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +396,7 @@ def test_works_on_an_instrumented_model_and_remove_drops_state() -> None:
     import spectral_guard
 
     model = seeded_model(0, n_layers=1, d=32, heads=2, seq=32)
-    guard = spectral_guard.instrument(model)
+    guard = spectral_guard.instrument(model, attention_actuator="penalty")
     attn = AttentionGuard(model, guard.config, guard.layer_names)
     assert [p.name for p in attn.pairs] == ["blocks.0"]
     original = model.blocks[0].q_proj.parametrizations.weight.original
@@ -483,3 +486,24 @@ def test_hugging_face_attention_is_paired_as_its_forward_splits_it(kind: str,
                        for h in range(4)]) / math.sqrt(8)
     converge(guard)
     torch.testing.assert_close(guard._power(0, 1).double(), ref, rtol=1e-4, atol=0)
+
+
+def test_instrument_with_attention_rescales_after_each_optimizer_step(single_thread) -> None:
+    import spectral_guard
+
+    model = seeded_model(0, n_layers=2, d=32, heads=4, seq=32)
+    guard = spectral_guard.instrument(model, attention=True, attention_max_scale=0.004)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+    data = synthetic_text(20_000)
+    for x, y in byte_batches(data, 8, 32, 5):
+        model(x, y)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for block in model.blocks:
+            Wq = block.q_proj.parametrizations.weight.original
+            Wk = block.k_proj.parametrizations.weight.original
+            # three warm power-iteration steps per step: at or just over the target
+            assert float(explicit_scales(Wq, Wk, 4, 4).max()) <= 0.004 * 1.05
+    m = guard.metrics()
+    assert m["attention_pairs"] == 2.0 and m["attention_rescales"] > 0
+    guard.remove()
