@@ -228,8 +228,8 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="attention_pairs"):
         GuardConfig(attention_pairs=(("q",),))
     assert GuardConfig(attention_pairs=[["a", "b"]]).attention_pairs == (("a", "b"),)
-    default = GuardConfig()   # off by default; rescale when on (the benchmark's pick)
-    assert default.attention is False and default.attention_actuator == "rescale"
+    default = GuardConfig()   # off by default; the penalty when on (the benchmark's pick)
+    assert default.attention is False and default.attention_actuator == "penalty"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,7 +492,8 @@ def test_instrument_with_attention_rescales_after_each_optimizer_step(single_thr
     import spectral_guard
 
     model = seeded_model(0, n_layers=2, d=32, heads=4, seq=32)
-    guard = spectral_guard.instrument(model, attention=True, attention_max_scale=0.004)
+    guard = spectral_guard.instrument(model, attention=True, attention_max_scale=0.004,
+                                      attention_actuator="rescale")
     opt = torch.optim.AdamW(model.parameters(), lr=0.02)
     data = synthetic_text(20_000)
     for x, y in byte_batches(data, 8, 32, 5):

@@ -18,7 +18,7 @@ the ``n x n`` product, batched over heads: ``u <- normalize(W_q,h^T (W_k,h v))``
 ``v <- normalize(W_k,h^T (W_q,h u))``, ``sigma = (W_q,h u) . (W_k,h v)``. ``M_h`` has rank
 ``<= d_h``, and the vectors persist across steps, so one iteration per check tracks it.
 
-Actuators (``GuardConfig.attention_actuator``; ``"rescale"`` is the default, chosen by
+Actuators (``GuardConfig.attention_actuator``; ``"penalty"`` is the default, chosen by
 ``bench/efficacy.py``: see docs/efficacy.md):
 
 * ``"penalty"``: ``lambda * sum_h relu(s_h / t - 1)^2`` with ``s_h`` computed as
@@ -424,7 +424,7 @@ class AttentionGuard:
         self.layer_names = list(layer_names)
         named = getattr(config, "attention_pairs", None)
         self.pairs, self.skipped = find_pairs(model, named)
-        self.actuator = getattr(config, "attention_actuator", "rescale")
+        self.actuator = getattr(config, "attention_actuator", "penalty")
         self.lambda_base = float(getattr(config, "attention_lambda", 0.1))
         max_scale = getattr(config, "attention_max_scale", None)
         self.states = [PairState(float(max_scale) if max_scale is not None

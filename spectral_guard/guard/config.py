@@ -53,10 +53,10 @@ class GuardConfig:
     Attention logits (``guard/attention.py``): per head ``s_h = sigma_max(W_q,h^T W_k,h) /
       sqrt(d_h)`` of each query-key pair, checked on the same schedule
       attention           enable the attention-logit guard
-      attention_actuator  ``"rescale"`` (post-step scaling of the offending heads' W_q and
-                          W_k rows to ``s_h = t``, like QK-Clip; the default, chosen by
-                          ``bench/efficacy.py``, docs/efficacy.md) or ``"penalty"``
-                          (thermostat-driven hinge ``lambda sum_h relu(s_h / t - 1)^2``)
+      attention_actuator  ``"penalty"`` (thermostat-driven hinge ``lambda sum_h
+                          relu(s_h / t - 1)^2``; the default, chosen by ``bench/efficacy.py``,
+                          see docs/efficacy.md) or ``"rescale"`` (post-step scaling of the
+                          offending heads' W_q and W_k rows to ``s_h = t``, like QK-Clip)
       attention_max_scale target ``t`` on ``s_h``; ``None``: ``max(64 / n, 1.5 s_0)`` (``n``
                           the input width: a bound of 64 on the logit of unit-RMS inputs;
                           ``s_0`` the pair's scale when instrumented, for pretrained weights)
@@ -87,7 +87,7 @@ class GuardConfig:
     history: int = 10_000
     step_on: Literal["optimizer", "manual"] = "optimizer"
     attention: bool = False
-    attention_actuator: Literal["penalty", "rescale"] = "rescale"
+    attention_actuator: Literal["penalty", "rescale"] = "penalty"
     attention_max_scale: float | None = None
     attention_lambda: float = 0.1
     attention_pairs: tuple[tuple[Any, ...], ...] | None = None
