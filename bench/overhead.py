@@ -156,7 +156,8 @@ def main() -> None:
           f"{args.seq}, autocast bf16: {args.autocast}; {device}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"# guard defaults: ratio={guard0.config.ratio}, every={guard0.config.every}, "
-          f"biopsy_limit={guard0.config.biopsy_limit}, sensors={guard0.config.sensors}")
+          f"biopsy_limit={guard0.config.biopsy_limit}, sensors={guard0.config.sensors}, "
+          f"attention={guard0.config.attention}")
     vocab = 32000 if args.model == "llama" else 256
     data = list(batches(args, args.warmup + args.steps, vocab))
     t_start = time.perf_counter()
