@@ -125,6 +125,17 @@ class SigmaReparamLinear(nn.Linear):
         self.register_buffer("u", u / u.norm())
         self.register_buffer("v", v / v.norm())
 
+    @torch.no_grad()
+    def init_vectors(self, iters: int = 50) -> None:
+        """Converge ``u, v`` on the current weight (call after initializing it), so that
+        ``sigma = u^T W v`` is ``sigma_max(W)`` from the first forward on."""
+        u, v = self.u, self.v
+        for _ in range(iters):
+            v = F.normalize(self.weight.mT @ u, dim=0)
+            u = F.normalize(self.weight @ v, dim=0)
+        self.u.copy_(u)
+        self.v.copy_(v)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
@@ -217,6 +228,9 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
+        for m in self.modules():
+            if isinstance(m, SigmaReparamLinear):
+                m.init_vectors()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
@@ -285,9 +299,13 @@ class RunSpec:
     val_batches: int = 16
     limit: int | None = None
     tag: str = ""
+    attn_logit: float = DEFAULT_MAX_LOGIT
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if d["attn_logit"] == DEFAULT_MAX_LOGIT:
+            del d["attn_logit"]   # keys of runs at the default stay what they were
+        return json.dumps(d, sort_keys=True)
 
 
 def _lr_at(step: int, spec: RunSpec) -> float:
@@ -364,23 +382,15 @@ def run(spec: RunSpec) -> dict:
     wired = False
     if spec.method in GUARDED:
         kw: dict = {"actuator": "l2"} if spec.method == "assr_l2" else {}
+        kw["attention"] = False   # "guard" and "assr_l2" never include the attention guard
         if spec.method.startswith("guard_attn"):
             actuator = "rescale" if spec.method.endswith("rescale") else "penalty"
             kw.update(attention=True, attention_actuator=actuator)
-            try:
-                guard = spectral_guard.instrument(model, **kw)
-                attn = _find_attention_guard(guard)
-                wired = attn is not None
-            except TypeError:
-                guard = None
-            if not wired:  # the Guard does not drive the component (yet): drive it here
-                if guard is None:
-                    kw.pop("attention")
-                    guard = spectral_guard.instrument(model, **{k: v for k, v in kw.items()
-                                                                if not k.startswith("attention")})
-                attn = AttentionGuard(model, guard.config, guard.layer_names)
-        else:
-            guard = spectral_guard.instrument(model, **kw)
+            if spec.attn_logit != DEFAULT_MAX_LOGIT:
+                kw["attention_max_scale"] = spec.attn_logit / cfg.d
+        guard = spectral_guard.instrument(model, **kw)
+        attn = _find_attention_guard(guard)   # the Guard drives it (on_step, penalty)
+        wired = attn is not None
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -393,6 +403,7 @@ def run(spec: RunSpec) -> dict:
     probes: list[dict] = [{"step": 0, **probe(model, probe_x, rank0)}]
     clips = 0
     t0 = time.perf_counter()
+    probe_s = 0.0
     diverged = False
     for step in range(spec.steps):
         for group in opt.param_groups:
@@ -400,18 +411,12 @@ def run(spec: RunSpec) -> dict:
         starts = torch.randint(0, len(train) - cfg.seq - 1, (spec.batch,), generator=gen)
         x, y = windows(train, starts, cfg.seq)
         out = model(x, y)
-        loss = out["loss"]
-        if attn is not None and not wired:
-            pen = attn.penalty(loss.device)
-            if pen is not None:
-                loss = loss + pen
+        loss = out["loss"]   # the guard's penalty is in it already (auto_loss)
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if attn is not None and not wired:
-            attn.on_step(step + 1)
         if spec.method == "qkclip":
             clips += _qk_clip(model, spec.qkclip_tau)
         ce = float(out["ce"])
@@ -420,11 +425,13 @@ def run(spec: RunSpec) -> dict:
             diverged = True
             break
         if (step + 1) % spec.probe_every == 0 or step + 1 == spec.steps:
+            tp = time.perf_counter()
             p = probe(model, probe_x, rank0)
             if attn is not None:
                 p["guard_scale"] = attn.metrics()["attention_logit_scale"]
             probes.append({"step": step + 1, **p})
-    wall = time.perf_counter() - t0
+            probe_s += time.perf_counter() - tp
+    wall = time.perf_counter() - t0 - probe_s
     final = evaluate(model, val, spec) if not diverged else math.nan
     interventions = 0.0
     if guard is not None:
@@ -579,15 +586,16 @@ def summarize_shock(results: list[dict], stress_lr: float) -> dict:
     std_lr = stress_lr / 4
 
     def mean_final(method: str, tag: str, lr: float) -> float:
-        xs = [r["final"] for r in results if r["method"] == method and r["tag"] == tag
+        xs = [r["final"] for r in results if r["method"] == method and r["tag"] in tag
               and math.isclose(r["lr"], lr) and r["seed"] in seeds]
         return statistics.fmean(xs) if xs else math.nan
 
-    base, tuned = mean_final("recipe", "shock", stress_lr), mean_final("recipe", "sweep", std_lr)
+    base = mean_final("recipe", ("shock",), stress_lr)
+    tuned = mean_final("recipe", ("sweep", "tuned"), std_lr)
     out = {}
     for method in dict.fromkeys(r["method"] for r in shock):
         rs = [r for r in shock if r["method"] == method]
-        m = mean_final(method, "shock", stress_lr)
+        m = mean_final(method, ("shock",), stress_lr)
         out[method] = {
             "n": len(rs), "final": _mean_std([r["final"] for r in rs]),
             "rescued": (base - m) / (base - tuned) if base - tuned else math.nan,
@@ -595,6 +603,20 @@ def summarize_shock(results: list[dict], stress_lr: float) -> dict:
             "qk_scale": _mean_std([max(p["qk_scale"] for p in r["probes"]) for r in rs]),
         }
     return out
+
+
+def step_times(methods: list[str], base: RunSpec, rounds: int = 3,
+               steps: int = 40) -> dict[str, float]:
+    """Seconds per training step (probes excluded), median over ``rounds`` round-robin passes
+    over the methods in this process: a controlled comparison on a shared machine, where the
+    sweep's own wall times depend on what else ran at the time."""
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    spec = replace(base, steps=steps, probe_every=10 ** 9, val_batches=1, lr=base.lr or 4e-3)
+    for _ in range(rounds):
+        for m in methods:
+            r = run(replace(spec, method=m))
+            times[m].append(r["wall"] / max(1, len(r["losses"])))
+    return {m: statistics.median(v) for m, v in times.items()}
 
 
 def _fmt(ms: tuple[float, float], digits: int = 3) -> str:
@@ -728,9 +750,10 @@ def write_doc(path: Path, summary: dict, args: argparse.Namespace, lrs: list[flo
         "- Recipe: AdamW (beta1 0.9, beta2 0.95), linear warmup over 10% of the steps, cosine "
         "decay to 10% of the peak, weight decay 0.1 on matrices (not on gains and biases), "
         "gradient-norm clipping 1.0. `adamw` drops the weight decay and the clipping.",
-        f"- Peak LRs: {', '.join(f'{lr:g}' for lr in lrs)}; seeds {args.seeds} along the sweep; "
-        f"stress point {stress_lr:g} (4x the standard {stress_lr / 4:g}) with seeds "
-        f"{args.stress_seeds}. Same seeds, same initial weights (up to the architecture change "
+        f"- Peak LRs: {', '.join(f'{lr:g}' for lr in lrs)}; {args.seeds} seeds along the sweep; "
+        f"stress point {stress_lr:g} (4x the standard {stress_lr / 4:g}) with "
+        f"{args.stress_seeds} seeds; LR shock with {args.shock_seeds} seeds. Same seeds, same "
+        "initial weights (up to the architecture change "
         "of qk_layernorm and sigma_reparam) and the same batches for every method.",
         "",
         "## Definitions",
@@ -754,8 +777,10 @@ def write_doc(path: Path, summary: dict, args: argparse.Namespace, lrs: list[flo
         "`erank(W) / erank(W_init)` (full SVD).",
         "- **Interventions**: spectral_guard's thermostat triggers (plus attention-guard triggers "
         "and rescaled (pair, step)s); QK-Clip's clipped (head, step)s.",
-        "- **Wall ratio**: mean seconds per step over the sweep relative to the recipe "
-        "(noisy: the machine is shared).",
+        "- **Wall ratio**: seconds per training step relative to the recipe, measured after the "
+        f"sweep in one process with one thread, {args.timing_rounds} round-robin passes of 40 "
+        "steps over the methods, median (probes and evaluation excluded); the machine is "
+        "shared, so differences under ~10% are noise.",
         "",
         "## Results",
         "",
@@ -800,7 +825,7 @@ def write_doc(path: Path, summary: dict, args: argparse.Namespace, lrs: list[flo
                 continue
             s = summary[method]
             change = s["sensitivity"][0] / rs - 1 if rs else math.nan
-            harm = s["per_lr"][best_lr][0] / recipe["per_lr"][best_lr][0] - 1
+            harm = round(s["per_lr"][best_lr][0] / recipe["per_lr"][best_lr][0] - 1, 6) + 0.0
             lines.append(f"- `{method}`: LR sensitivity {change:+.0%} relative to the recipe's "
                          f"(goal: -30% or lower); at the recipe's best LR {best_lr:g} the final "
                          f"loss is {harm:+.2%} relative to the recipe's (goal: +0.5% or lower).")
@@ -818,12 +843,9 @@ def write_doc(path: Path, summary: dict, args: argparse.Namespace, lrs: list[flo
                              f"{_fmt(v['qk_scale'])} |")
     lines += [""]
     if any(s["wired"] for s in summary.values()):
-        lines.append("The attention guard ran inside `instrument(model, attention=True)`.")
-    else:
-        lines.append("The attention guard was driven by the benchmark loop (`AttentionGuard` "
-                     "constructed next to `instrument(model)`, `penalty()` added to the loss and "
-                     "`on_step()` called after each optimizer step): the Guard did not drive it "
-                     "yet when this ran.")
+        lines.append("The attention guard ran inside `instrument(model, attention=True)`; the "
+                     "`guard` and `assr_l2` rows are `instrument(model, attention=False)` (with "
+                     "`actuator=\"l2\"` for `assr_l2`).")
     lines += ["", "## Plots", ""]
     for name in images:
         lines.append(f"![{name}](img/{name})")
@@ -854,7 +876,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--qkclip-tau", type=float, default=30.0)
     ap.add_argument("--shock-methods",
                     default="recipe,guard,guard_attn,guard_attn_rescale,qkclip,qk_layernorm")
-    ap.add_argument("--shock-seeds", type=int, default=2)
+    ap.add_argument("--shock-seeds", type=int, default=3)
+    ap.add_argument("--timing-rounds", type=int, default=3,
+                    help="round-robin passes of the controlled step-time measurement (0: skip)")
+    ap.add_argument("--attention-max-logit", type=float, default=DEFAULT_MAX_LOGIT,
+                    help="attention guard target t = this / d (default: the guard's default)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=ROOT / "bench" / "results" / "efficacy.jsonl")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "efficacy.md")
@@ -865,6 +891,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.lrs, args.stress_lr, args.seeds, args.stress_seeds = "3e-3,3e-2", 3e-2, 1, 1
         args.steps, args.layers, args.d, args.heads, args.seq, args.batch = 30, 1, 32, 2, 32, 8
         args.probe_every, args.val_batches, args.shock_seeds = 10, 2, 1
+        args.timing_rounds = min(args.timing_rounds, 1)
         limit = 400_000
     lrs = sorted(float(x) for x in args.lrs.split(","))
     if args.stress_lr not in lrs:
@@ -875,7 +902,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown method(s) {bad}; choose from {METHODS}")
     mcfg = ModelConfig(args.layers, args.d, args.heads, args.seq)
     base = RunSpec("recipe", 0.0, 0, args.steps, args.batch, mcfg, probe_every=args.probe_every,
-                   qkclip_tau=args.qkclip_tau, val_batches=args.val_batches, limit=limit)
+                   qkclip_tau=args.qkclip_tau, val_batches=args.val_batches, limit=limit,
+                   attn_logit=args.attention_max_logit)
     specs = []
     for seed in range(args.seeds):  # seed-major: a partial sweep has every method
         for lr in lrs:
@@ -889,15 +917,25 @@ def main(argv: list[str] | None = None) -> dict:
         for m in shock_methods:
             specs.append(replace(base, method=m, lr=args.stress_lr, seed=seed, tag="shock",
                                  warmup=0.0))
+        if seed >= args.seeds and "recipe" in shock_methods:  # the tuned reference, same seed
+            specs.append(replace(base, method="recipe", lr=args.stress_lr / 4, seed=seed,
+                                 tag="tuned"))
     t0 = time.perf_counter()
     results = sweep(specs, args.cache, args.jobs)
     elapsed = (sum(r["wall"] for r in results), len(results))
     print(f"sweep: {time.perf_counter() - t0:.0f} s", flush=True)
     _, val = corpus_split(limit=limit)
     unigram = unigram_entropy(val)
-    summary = summarize([r for r in results if r["tag"] != "shock"], lrs, args.stress_lr,
-                        unigram)
+    summary = summarize([r for r in results if r["tag"] not in ("shock", "tuned")], lrs,
+                        args.stress_lr, unigram)
     shock = summarize_shock(results, args.stress_lr)
+    if args.timing_rounds:
+        torch.set_num_threads(1)
+        timing = step_times(methods, replace(base, lr=args.stress_lr / 4),
+                            args.timing_rounds, 10 if args.quick else 40)
+        for m, t in timing.items():
+            summary[m]["step_s"] = t
+            summary[m]["wall_ratio"] = t / timing["recipe"] if "recipe" in timing else math.nan
     prefix = "efficacy_quick" if args.quick else "efficacy"
     images = plots(results, summary, lrs, args.stress_lr, args.img, prefix)
     command = "python bench/efficacy.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -53,6 +53,10 @@ def test_spike_counts_maximal_runs(eff) -> None:
 
 def test_sigma_reparam_has_spectral_norm_gamma(eff) -> None:
     torch.manual_seed(0)
+    model = eff.GPT(eff.ModelConfig(n_layers=1, d=16, heads=2, seq=8, sigma_reparam=True))
+    for lin in eff.block_linears(model).values():   # from the first forward on, not eventually
+        W = lin.effective_weight().detach()
+        assert float(torch.linalg.matrix_norm(W, 2)) == pytest.approx(1.0, rel=1e-4)
     lin = eff.SigmaReparamLinear(24, 16)
     for _ in range(200):
         lin(torch.randn(2, 24))
