@@ -508,3 +508,19 @@ def test_instrument_with_attention_rescales_after_each_optimizer_step(single_thr
     m = guard.metrics()
     assert m["attention_pairs"] == 2.0 and m["attention_rescales"] > 0
     guard.remove()
+
+
+def test_lazy_and_meta_weights_are_skipped_with_the_reason() -> None:
+    with torch.device("meta"):
+        meta = seeded_model(0, n_layers=1, d=32, heads=2, seq=32)
+    guard = AttentionGuard(meta, cfg())
+    assert guard.pairs == [] and guard.skipped == {"blocks.0": "weight on the meta device"}
+
+    class Lazy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_heads = 2
+            self.q_proj, self.k_proj = nn.LazyLinear(16), nn.LazyLinear(16)
+
+    pairs, skipped = find_pairs(nn.Sequential(Lazy()))
+    assert pairs == [] and "0" in skipped

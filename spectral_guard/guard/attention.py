@@ -308,7 +308,7 @@ def find_pairs(model: nn.Module, named: Sequence[tuple] | None = None
             else:
                 pairs.append(_separate_pair(model, q_name.rpartition(".")[0] or q_name, q_mod,
                                             k_mod, parent, heads))
-        return pairs, skipped
+        return _usable(pairs, skipped)
     fused = dict(FUSED_PATTERNS)
     for name, module in model.named_modules():
         try:
@@ -328,7 +328,33 @@ def find_pairs(model: nn.Module, named: Sequence[tuple] | None = None
                                              fused[child_name]))
         except ValueError as exc:
             skipped[name] = str(exc)
-    return pairs, skipped
+    return _usable(pairs, skipped)
+
+
+def _unusable(W: Tensor) -> str | None:
+    """Why a weight cannot be read by the guard's device math, or ``None``."""
+    if isinstance(W, nn.parameter.UninitializedParameter):
+        return "uninitialized (lazy) weight"
+    if W.is_meta:
+        return "weight on the meta device"
+    if type(W).__name__ == "DTensor" or type(getattr(W, "data", W)).__name__ == "DTensor":
+        return "sharded (DTensor) weight: not supported by the attention guard"
+    if not W.is_floating_point():
+        return f"{W.dtype} weight"
+    return None
+
+
+def _usable(pairs: list[AttentionPair], skipped: dict[str, str]
+            ) -> tuple[list[AttentionPair], dict[str, str]]:
+    """Drop the pairs whose weights the device math cannot read (recording the reason)."""
+    kept = []
+    for p in pairs:
+        reason = _unusable(p.q.param) or _unusable(p.k.param)
+        if reason:
+            skipped[p.name] = reason
+        else:
+            kept.append(p)
+    return kept, skipped
 
 
 # ----------------------------------------------------------------------------------------------
