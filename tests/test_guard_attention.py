@@ -228,8 +228,8 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="attention_pairs"):
         GuardConfig(attention_pairs=(("q",),))
     assert GuardConfig(attention_pairs=[["a", "b"]]).attention_pairs == (("a", "b"),)
-    default = GuardConfig()   # off by default; the penalty when on (the benchmark's pick)
-    assert default.attention is False and default.attention_actuator == "penalty"
+    default = GuardConfig()   # on by default, with the penalty (the benchmark's pick)
+    assert default.attention is True and default.attention_actuator == "penalty"
 
 
 # ----------------------------------------------------------------------------------------------

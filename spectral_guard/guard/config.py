@@ -52,7 +52,7 @@ class GuardConfig:
                       only :meth:`Guard.step` advances
     Attention logits (``guard/attention.py``): per head ``s_h = sigma_max(W_q,h^T W_k,h) /
       sqrt(d_h)`` of each query-key pair, checked on the same schedule
-      attention           enable the attention-logit guard
+      attention           enable the attention-logit guard (on by default: docs/efficacy.md)
       attention_actuator  ``"penalty"`` (thermostat-driven hinge ``lambda sum_h
                           relu(s_h / t - 1)^2``; the default, chosen by ``bench/efficacy.py``,
                           see docs/efficacy.md) or ``"rescale"`` (post-step scaling of the
@@ -86,7 +86,7 @@ class GuardConfig:
     auto_loss: bool = True
     history: int = 10_000
     step_on: Literal["optimizer", "manual"] = "optimizer"
-    attention: bool = False
+    attention: bool = True
     attention_actuator: Literal["penalty", "rescale"] = "penalty"
     attention_max_scale: float | None = None
     attention_lambda: float = 0.1
