@@ -40,7 +40,8 @@ class Mode(StrEnum):
     exact = "exact"
 
 
-STATUS_CHOICES = ("nonfinite", "dead_units", "collapsed", "ill_conditioned", "suspicious", "ok")
+STATUS_CHOICES = ("nonfinite", "dead_units", "collapsed", "ill_conditioned", "logit_risk",
+                  "suspicious", "ok")
 """The statuses ``--fail-on`` accepts (``spectral_guard.verdict.STATUSES``, kept here so that
 ``--help`` needs no torch import; a test checks they are equal), plus ``none``."""
 
@@ -88,6 +89,9 @@ def audit_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table or progress bar: only "
                                "the verdict."),
     show_skipped: bool = typer.Option(False, "--show-skipped", help="List skipped tensors."),
+    heads: int | None = typer.Option(None, "--heads", min=1, help="Attention heads per layer "
+                                     "for the q-k logit check (default: config.json next to "
+                                     "the checkpoint; without either the check is skipped)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     debug: bool = typer.Option(False, "--debug", help="On an internal error, print the "
                                "traceback too."),
@@ -115,7 +119,7 @@ def audit_command(
         with progress_bar("audit", show_progress(quiet, no_progress)) as progress:
             return audit(paths, mode=mode.value, limit=limit, seed=seed, include=include,
                          exclude=exclude, thresholds=thresholds, fail_on=fail_on,
-                         progress=progress)
+                         progress=progress, heads=heads)
 
     report = guarded(run, debug=debug,
                      input_errors=(CheckpointError, ThresholdsError, ValueError))

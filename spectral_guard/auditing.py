@@ -130,14 +130,21 @@ class MatrixResult:
     dead_cols: int = 0
     duplicate_rows: int | None = None
     duplicate_sample: int | None = None
+    logit_scale: float | None = None
+    logit_head: int | None = None
+    logit_pair: str | None = None
+    logit_head_scales: list[float] | None = None
 
     def to_json_dict(self) -> dict:
         d = asdict(self)
         for key in ("shape", "tensor_shape", "measured_shape"):
             d[key] = list(d[key])
         for key in ("stable_rank", "stable_rank_ratio", "condition_number", "sigma_max",
-                    "sigma_min", "frobenius", "effective_rank", "effective_rank_ratio", "alpha"):
+                    "sigma_min", "frobenius", "effective_rank", "effective_rank_ratio", "alpha",
+                    "logit_scale"):
             d[key] = _num(d[key])
+        if d["logit_head_scales"] is not None:
+            d["logit_head_scales"] = [_num(x) for x in d["logit_head_scales"]]
         return d
 
 
@@ -175,6 +182,8 @@ class Report:
     elapsed_s: float = 0.0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    logit_pairs: int = 0
+    logit_notes: list[str] = field(default_factory=list)
 
     def status_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
@@ -230,8 +239,9 @@ class Report:
 
     @property
     def notes(self) -> list[str]:
-        """Sentences the sources added (e.g. which format a mixed folder was read in)."""
-        return [n for s in self.sources for n in s.get("notes", ())]
+        """Sentences the sources added (e.g. which format a mixed folder was read in), then those
+        of the attention-logit pass (e.g. why it was skipped)."""
+        return [n for s in self.sources for n in s.get("notes", ())] + list(self.logit_notes)
 
     def to_json_dict(self) -> dict:
         """The documented JSON report (schema ``SCHEMA_VERSION``); contains no NaN/Inf."""
@@ -255,6 +265,8 @@ class Report:
                 "status_counts": self.status_counts(),
                 "bytes_read": self.bytes_read,
                 "elapsed_s": round(self.elapsed_s, 3),
+                "logit_pairs": self.logit_pairs,
+                "logit_notes": list(self.logit_notes),
             },
             "verdict": {
                 "healthy": not failing,
@@ -469,16 +481,22 @@ def _fill(result: MatrixResult, scan: _Scan, metrics: SpectralMetrics | None,
         result.alpha = metrics.alpha if math.isfinite(metrics.alpha) else None
         result.duplicate_sample = int(biopsy.shape[0])
         result.duplicate_rows = duplicate_rows(biopsy, DUPLICATE_COS)
+    result.status, result.reasons = judge(_observation(result),
+                                          thresholds.rule_for(result.name))
+
+
+def _observation(result: MatrixResult) -> Observation:
+    """What the verdict reads of a filled result (its condition number is set only when the
+    matrix is finite and was decomposed)."""
     m, n = result.shape
-    obs = Observation(
+    return Observation(
         min_dim=min(m, n), rows=m, cols=n, nonfinite=result.nonfinite,
         dead_rows=result.dead_rows, dead_cols=result.dead_cols,
         stable_rank=result.stable_rank, stable_rank_ratio=result.stable_rank_ratio,
         effective_rank_ratio=result.effective_rank_ratio,
-        condition_number=result.condition_number if result.nonfinite == 0 and metrics else None,
+        condition_number=result.condition_number if result.nonfinite == 0 else None,
         alpha=result.alpha, duplicate_rows=result.duplicate_rows,
-        duplicate_sample=result.duplicate_sample)
-    result.status, result.reasons = judge(obs, thresholds.rule_for(result.name))
+        duplicate_sample=result.duplicate_sample, logit_scale=result.logit_scale)
 
 
 SMALL_SVD = 1024
@@ -601,7 +619,8 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
           seed: int = 0, include: Sequence[str] = (), exclude: Sequence[str] = (),
           thresholds: Thresholds | str | Path | None = None,
           fail_on: Sequence[str] = DEFAULT_FAIL_ON,
-          progress: Progress | None = None, dtensor: str = "full") -> Report:
+          progress: Progress | None = None, dtensor: str = "full",
+          heads: int | None = None) -> Report:
     """Audit every matrix of one or more checkpoints, or of a model or state_dict in memory.
 
     ``path``: a ``.safetensors`` file, a PyTorch checkpoint (``.pt``/``.bin``/``.pth``/
@@ -613,9 +632,13 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
     ``thresholds``: a :class:`Thresholds`, a thresholds file, or ``None`` for the shipped
     defaults. ``dtensor``: for DTensor/FSDP2 parameters, ``"full"`` (gather each tensor; a
     collective, so call it on every rank) or ``"local"`` (this rank's shards); see
-    :mod:`spectral_guard.inmemory`. Raises :class:`~spectral_guard.checkpoint.CheckpointError`
-    for unreadable input, :class:`~spectral_guard.thresholds.ThresholdsError` for a bad
-    thresholds file and ``ValueError`` for bad options (all with one-line messages).
+    :mod:`spectral_guard.inmemory`. ``heads``: attention heads per layer for the q-k logit
+    pass (:mod:`spectral_guard.audit_logit`) on checkpoints and state_dicts; ``None`` reads
+    ``config.json`` next to the checkpoint (a model uses its modules' attributes), and without
+    a head count the pass is skipped with a note. Raises
+    :class:`~spectral_guard.checkpoint.CheckpointError` for unreadable input,
+    :class:`~spectral_guard.thresholds.ThresholdsError` for a bad thresholds file and
+    ``ValueError`` for bad options (all with one-line messages).
     """
     if mode not in ("biopsy", "exact"):
         raise ValueError(f"unknown mode {mode!r}: use 'biopsy' or 'exact'")
@@ -631,6 +654,9 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
     else:
         th = load_thresholds(thresholds)
         th_source = "default" if thresholds is None else str(thresholds)
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int)
+                              or heads < 1):
+        raise ValueError(f"--heads must be a positive integer, got {heads!r}")
     if dtensor not in ("full", "local"):
         raise ValueError(f"dtensor={dtensor!r}: use 'full' or 'local'")
     if isinstance(path, (list, tuple)) and any(
@@ -641,14 +667,17 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
         ckpt: Checkpoint = (open_in_memory(path, dtensor)
                             if isinstance(path, (torch.nn.Module, Mapping))
                             else open_checkpoint(path))
+        model = path if isinstance(path, torch.nn.Module) else None
         return _audit_checkpoint(ckpt, mode, int(limit), int(seed), inc, exc, th, th_source,
-                                 tuple(fail_on), progress, t0, tuple(include), tuple(exclude))
+                                 tuple(fail_on), progress, t0, tuple(include), tuple(exclude),
+                                 heads=heads, model=model)
 
 
 def _audit_checkpoint(ckpt: Checkpoint, mode: str, limit: int, seed: int,
                       inc: list[re.Pattern], exc: list[re.Pattern], th: Thresholds,
                       th_source: str, fail_on: tuple[str, ...], progress: Progress | None,
-                      t0: float, include: tuple[str, ...], exclude: tuple[str, ...]) -> Report:
+                      t0: float, include: tuple[str, ...], exclude: tuple[str, ...], *,
+                      heads: int | None = None, model: torch.nn.Module | None = None) -> Report:
     """The audit of validated sources (see :func:`audit`)."""
     tensors = ckpt.tensors
     selected = [t for t in tensors
@@ -698,10 +727,79 @@ def _audit_checkpoint(ckpt: Checkpoint, mode: str, limit: int, seed: int,
             done += plan.info.nbytes
             if progress is not None:
                 progress(done, total, plan.info.name)
+    logit_pairs, logit_notes = _logit_pass(ckpt, results, th, heads, model)
     results.sort(key=_sort_key)
     return Report(
         sources=[s.to_json_dict() for s in ckpt.sources], thresholds=th,
         thresholds_source=th_source, mode=mode, limit=limit, seed=seed,
         fail_on=fail_on, matrices=results, skipped=skipped, filtered_out=filtered_out,
         bytes_read=total, elapsed_s=time.perf_counter() - t0, include=include,
-        exclude=exclude)
+        exclude=exclude, logit_pairs=logit_pairs, logit_notes=logit_notes)
+
+
+def _logit_pass(ckpt: Checkpoint, results: list[MatrixResult], th: Thresholds,
+                heads: int | None, model: torch.nn.Module | None) -> tuple[int, list[str]]:
+    """The attention-logit pass after the per-matrix audit (:mod:`spectral_guard.audit_logit`):
+    pair the audited 2-D matrices, measure ``s_h n`` per head exactly (each weight re-read on
+    its own), attach the pair's values to its matrices and judge them again. Returns the number
+    of measured pairs and the notes for the report."""
+    from .audit_logit import (
+        PairScale,
+        candidate_pairs,
+        config_heads,
+        geometry,
+        measure_model,
+        measure_named,
+    )
+
+    by_name = {r.name: r for r in results if r.name == r.tensor and len(r.tensor_shape) == 2}
+    notes: list[str] = []
+    scales: list[PairScale] = []
+    if model is not None:
+        scales, skipped_pairs = measure_model(model)
+        if skipped_pairs:
+            where, why = next(iter(skipped_pairs.items()))
+            notes.append(f"q-k logit scale: {len(skipped_pairs)} attention candidate(s) not "
+                         f"paired (e.g. {where or 'the model'}: {why}).")
+    else:
+        infos = {t.name: t for t in ckpt.tensors if t.name in by_name}
+        shapes = {name: by_name[name].shape for name in infos}
+        cands = candidate_pairs(shapes)
+        kv_heads, source = None, "heads="
+        if cands and heads is None:
+            paths = [s.path for s in ckpt.sources if not s.in_memory]
+            heads, kv_heads, cfg = config_heads(paths)
+            source = str(cfg)
+        if cands and heads is None:
+            notes.append(f"q-k logit scale not checked: {len(cands)} attention pair(s) found "
+                         "but no head count (no config.json with num_attention_heads or n_head "
+                         "next to the checkpoint; pass --heads / heads=).")
+            return 0, notes
+        bad: list[str] = []
+        for cand in cands:
+            try:
+                pair = geometry(cand, shapes, heads, kv_heads)
+            except ValueError as exc:
+                bad.append(f"{cand[0]}: {exc} ({heads} heads from {source})")
+                continue
+
+            def load(name: str) -> torch.Tensor:
+                with TensorStream(infos[name]) as stream:
+                    return stream.full().to("cpu", torch.float64, copy=True)
+
+            measured = measure_named(pair, load)
+            if measured is not None:
+                scales.append(measured)
+        if bad:
+            notes.append(f"q-k logit scale: {len(bad)} attention pair(s) not measured "
+                         f"(e.g. {bad[0]}).")
+    scales = [sc for sc in scales if any(t in by_name for t in sc.tensors)]
+    for sc in scales:
+        for tensor in sc.tensors:
+            res = by_name.get(tensor)
+            if res is None:
+                continue
+            res.logit_scale, res.logit_head = sc.max_bound, sc.worst_head
+            res.logit_pair, res.logit_head_scales = sc.name, list(sc.bounds)
+            res.status, res.reasons = judge(_observation(res), th.rule_for(res.name))
+    return len(scales), notes

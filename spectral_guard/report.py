@@ -21,6 +21,7 @@ STATUS_STYLE = {
     "ok": "green",
     "suspicious": "yellow",
     "ill_conditioned": "yellow",
+    "logit_risk": "yellow",
     "collapsed": "bold red",
     "dead_units": "bold red",
     "nonfinite": "bold red",
@@ -30,7 +31,7 @@ CSV_FIELDS = ("name", "tensor", "file", "shape", "dtype", "group", "mode", "meas
               "status", "reasons", "stable_rank", "stable_rank_ratio", "condition_number",
               "singular", "sigma_max", "sigma_min", "effective_rank", "effective_rank_ratio",
               "alpha", "nonfinite", "dead_rows", "dead_cols", "duplicate_rows",
-              "duplicate_sample")
+              "duplicate_sample", "logit_scale", "logit_head", "logit_pair")
 
 
 def _g(x: float | None, digits: int = 3) -> str:
@@ -63,13 +64,16 @@ def audit_table(report: Report, top: int | None = None) -> Table:
                          ("erank/k", "right"), ("alpha", "right"), ("status", "left"),
                          ("reason", "left")):
         table.add_column(col, justify=justify, overflow="fold")
+    logit = any(m.logit_scale is not None for m in report.matrices)
+    if logit:  # only when the attention-logit pass measured a pair (max_h s_h n)
+        table.add_column("qk logit", justify="right", overflow="fold")
     for m in rows:
         table.add_row(
             m.name, _shape(m.shape), m.dtype, _g(m.stable_rank), _g(m.stable_rank_ratio),
             _kappa(m), _g(m.effective_rank_ratio), _g(m.alpha),
             Text(m.status, style=STATUS_STYLE.get(m.status, "")),
             (m.reasons[0] + (f" (+{len(m.reasons) - 1})" if len(m.reasons) > 1 else ""))
-            if m.reasons else "")
+            if m.reasons else "", *((_g(m.logit_scale),) if logit else ()))
     return table
 
 

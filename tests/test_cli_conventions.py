@@ -76,7 +76,8 @@ def test_help_lists_choices_and_exit_codes():
         assert "biopsy|exact" in flat
         assert "Exit codes: 0" in flat and "130 interrupted" in flat and "--debug" in flat
     wide = cli("audit", "--help", COLUMNS="200").stdout
-    assert "[nonfinite|dead_units|collapsed|ill_conditioned|suspicious|ok|none],..." in wide
+    assert ("[nonfinite|dead_units|collapsed|ill_conditioned|logit_risk|suspicious|ok|none],..."
+            in wide)
 
 
 @pytest.mark.parametrize("command", ["audit", "calibrate"])

@@ -1,0 +1,193 @@
+"""The audit's attention-logit pass: exact per-head q-k scale, pairing, ``logit_risk``, CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from spectral_guard.cli.main import app
+from typer.testing import CliRunner
+
+from spectral_guard.audit_logit import candidate_pairs, exact_head_scales
+from spectral_guard.auditing import audit
+from spectral_guard.thresholds import load_thresholds
+
+transformers = pytest.importorskip("transformers")
+
+runner = CliRunner()
+
+
+def explicit_bounds(Wq: torch.Tensor, Wk: torch.Tensor, heads: int, kv: int) -> list[float]:
+    """``max sigma(W_q,h^T W_k,h) / sqrt(d_h) * n`` per head from the explicit ``n x n``
+    product's SVD in numpy float64 (``Wq``: ``heads*d_h x n``, ``Wk``: ``kv*d_h x n``)."""
+    q = Wq.detach().double().numpy()
+    k = Wk.detach().double().numpy()
+    n = q.shape[1]
+    d_h = q.shape[0] // heads
+    out = []
+    for h in range(heads):
+        j = h // (heads // kv)
+        M = q[h * d_h:(h + 1) * d_h].T @ k[j * d_h:(j + 1) * d_h]
+        out.append(float(np.linalg.svd(M, compute_uv=False)[0]) / math.sqrt(d_h) * n)
+    return out
+
+
+@pytest.mark.parametrize("d_h,n", [(4, 32), (8, 8), (16, 6)])
+def test_exact_head_scales_match_explicit_svd(d_h: int, n: int) -> None:
+    g = torch.Generator().manual_seed(d_h * 100 + n)
+    Wq = torch.randn(3, d_h, n, generator=g, dtype=torch.float64)
+    Wk = torch.randn(3, d_h, n, generator=g, dtype=torch.float64) * 5
+    got = exact_head_scales(Wq, Wk)
+    for h in range(3):
+        M = (Wq[h].T @ Wk[h]).numpy()
+        ref = np.linalg.svd(M, compute_uv=False)[0] / math.sqrt(d_h)
+        assert got[h].item() == pytest.approx(ref, rel=1e-10)
+    # float32 input: computed in float64
+    got32 = exact_head_scales(Wq.float(), Wk.float())
+    assert got32.dtype == torch.float64
+    torch.testing.assert_close(got32, got, rtol=1e-5, atol=0)
+
+
+def _llama(tmp_path: Path, scale: float = 1.0) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=6,
+                                   num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg)
+    if scale != 1.0:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(scale)
+                layer.self_attn.k_proj.weight.mul_(scale)
+    folder = tmp_path / ("llama" if scale == 1.0 else f"llama_x{scale:g}")
+    model.save_pretrained(folder, safe_serialization=True)
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    return folder, model
+
+
+@pytest.fixture
+def llama(tmp_path) -> tuple[Path, torch.nn.Module]:
+    return _llama(tmp_path)
+
+
+def _by_name(report) -> dict:
+    return {m.name: m for m in report.matrices}
+
+
+def test_pairs_llama_checkpoint_gqa(llama) -> None:
+    folder, model = llama
+    rep = audit(folder, mode="exact")
+    assert rep.logit_pairs == 2 and rep.logit_notes == []
+    res = _by_name(rep)
+    for i, layer in enumerate(model.model.layers):
+        ref = explicit_bounds(layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, 6, 2)
+        for proj in ("q_proj", "k_proj"):
+            m = res[f"model.layers.{i}.self_attn.{proj}.weight"]
+            assert m.logit_pair == f"model.layers.{i}.self_attn"
+            np.testing.assert_allclose(m.logit_head_scales, ref, rtol=1e-6)
+            assert m.logit_scale == pytest.approx(max(ref), rel=1e-6)
+            assert m.logit_head == int(np.argmax(ref))
+        assert res[f"model.layers.{i}.self_attn.v_proj.weight"].logit_scale is None
+    # the live model (module attributes) gives the same values
+    live = _by_name(audit(model, mode="exact"))
+    for name, m in res.items():
+        if m.logit_scale is not None:
+            assert live[name].logit_scale == pytest.approx(m.logit_scale, rel=1e-6)
+
+
+def test_pairs_gpt2_fused_conv1d(tmp_path) -> None:
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    res = _by_name(audit(tmp_path))
+    for i, block in enumerate(model.transformer.h):
+        W = block.attn.c_attn.weight.T  # Conv1D stores in x out
+        ref = explicit_bounds(W[:32], W[32:64], 4, 4)
+        m = res[f"transformer.h.{i}.attn.c_attn.weight"]
+        np.testing.assert_allclose(m.logit_head_scales, ref, rtol=1e-6)
+
+
+def test_candidate_pairs_patterns() -> None:
+    shapes = {"a.q_proj.weight": (8, 8), "a.k_proj.weight": (4, 8), "a.v_proj.weight": (4, 8),
+              "b.attn.c_attn.weight": (8, 24), "c.in_proj_weight": (24, 8),
+              "d.query_key_value.weight": (24, 8), "e.q_proj.weight": (8, 8)}
+    got = {(c[0], c[3]) for c in candidate_pairs(shapes)}
+    assert got == {("a", "separate"), ("b.attn.c_attn", "contiguous"), ("c", "mha"),
+                   ("d.query_key_value", "interleaved")}
+
+
+def test_logit_risk_fires_on_scaled_qk_not_on_healthy(tmp_path) -> None:
+    limit = load_thresholds(None).rule_for("model.layers.0.self_attn.q_proj.weight")
+    assert limit.logit_scale_max is not None
+    healthy = audit(_llama(tmp_path)[0])
+    assert all(m.status != "logit_risk" for m in healthy.matrices)
+    assert max(m.logit_scale or 0 for m in healthy.matrices) < limit.logit_scale_max
+    stressed = audit(_llama(tmp_path, scale=60.0)[0])
+    risky = {m.name for m in stressed.matrices if m.status == "logit_risk"}
+    assert risky == {f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1)
+                     for p in ("q_proj", "k_proj")}
+    m = _by_name(stressed)["model.layers.0.self_attn.q_proj.weight"]
+    assert m.reasons and m.reasons[0].startswith("q-k logit bound")
+    # not in the default policy
+    assert stressed.exit_code == 0
+    assert stressed.status_counts()["logit_risk"] == 4
+    assert audit(_llama(tmp_path, scale=60.0)[0], fail_on=("logit_risk",)).exit_code == 1
+
+
+def test_skip_note_without_head_count(llama) -> None:
+    folder, _ = llama
+    (folder / "config.json").unlink()
+    rep = audit(folder)
+    assert rep.logit_pairs == 0
+    assert all(m.logit_scale is None for m in rep.matrices)
+    assert any("no head count" in n for n in rep.notes)
+    assert "no head count" in rep.verdict_text()
+    assert rep.to_json_dict()["summary"]["logit_notes"] == rep.logit_notes
+    with_heads = audit(folder, heads=6)
+    assert with_heads.logit_pairs == 2 and with_heads.logit_notes == []
+    wrong = audit(folder, heads=5)  # 48 query rows do not split into 5 heads
+    assert wrong.logit_pairs == 0 and "not measured" in wrong.logit_notes[0]
+    with pytest.raises(ValueError, match="--heads"):
+        audit(folder, heads=0)
+
+
+def test_state_dict_needs_heads(llama) -> None:
+    _, model = llama
+    sd = model.state_dict()
+    assert audit(sd).logit_pairs == 0
+    assert audit(sd, heads=6).logit_pairs == 2
+
+
+def test_cli(tmp_path) -> None:
+    folder = _llama(tmp_path, scale=60.0)[0]
+    csv_path = tmp_path / "out.csv"
+    r = runner.invoke(app, ["audit", str(folder), "--json", "--csv", str(csv_path)])
+    assert r.exit_code == 0, r.output  # logit_risk is not in the default --fail-on
+    doc = json.loads(r.stdout)
+    assert doc["summary"]["status_counts"]["logit_risk"] == 4
+    assert doc["summary"]["logit_pairs"] == 2
+    q = next(m for m in doc["matrices"] if m["name"].endswith("0.self_attn.q_proj.weight"))
+    assert q["status"] == "logit_risk" and q["logit_scale"] > 0
+    assert len(q["logit_head_scales"]) == 6
+    rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert {"logit_scale", "logit_head", "logit_pair"} <= set(rows[0])
+    r = runner.invoke(app, ["audit", str(folder), "--fail-on", "logit_risk", "--no-progress"])
+    assert r.exit_code == 1, r.output
+    assert "qk logit" in r.stdout
+    (folder / "config.json").unlink()
+    r = runner.invoke(app, ["audit", str(folder), "--no-progress"])
+    assert r.exit_code == 0 and "no head count" in r.stdout.replace("\n", " ")
+    r = runner.invoke(app, ["audit", str(folder), "--heads", "6", "--fail-on", "logit_risk",
+                            "--no-progress"])
+    assert r.exit_code == 1, r.output
+    r = runner.invoke(app, ["audit", str(folder), "--heads", "0"])
+    assert r.exit_code == 2
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "--heads" in err and "Traceback" not in r.output
