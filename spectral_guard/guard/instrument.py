@@ -204,8 +204,10 @@ class Guard:
         sampled = self._schedule.layers_for_check(check) if check is not None else []
         with torch.no_grad():
             if self.config.actuator == "spectral":
+                checked = set(sampled)  # a check refreshes its own layers' vectors
                 for layer in self._layers:
-                    if layer.index not in sampled and layer.state.lambdas["collapse"] > 0:
+                    if layer.index not in checked and layer.state.treated \
+                            and layer.state.lambdas["collapse"] > 0:
                         refresh(layer.probe, layer.weight, self.config.power_iters)
             entries = [self._entry(self._layers[i], self._conditioning(self._layers[i]))
                        for i in sampled]
