@@ -60,8 +60,10 @@ from spectral_guard.guard.attention import DEFAULT_MAX_LOGIT, AttentionGuard  # 
 from spectral_guard.sensors import effective_rank  # noqa: E402
 
 METHODS = ("recipe", "adamw", "assr_l2", "guard", "guard_attn", "guard_attn_rescale",
-           "zloss", "qkclip", "sigma_reparam", "qk_layernorm")
-GUARDED = ("assr_l2", "guard", "guard_attn", "guard_attn_rescale")
+           "guard_msign", "guard_msign10", "zloss", "qkclip", "sigma_reparam", "qk_layernorm")
+GUARDED = ("assr_l2", "guard", "guard_attn", "guard_attn_rescale", "guard_msign",
+           "guard_msign10")
+WITH_ATTENTION = ("guard_attn", "guard_attn_rescale", "guard_msign", "guard_msign10")
 BASELINES = ("recipe", "guard", "guard_attn")
 Z_LOSS = 1e-4
 
@@ -383,9 +385,13 @@ def run(spec: RunSpec) -> dict:
     if spec.method in GUARDED:
         kw: dict = {"actuator": "l2"} if spec.method == "assr_l2" else {}
         kw["attention"] = False   # "guard" and "assr_l2" never include the attention guard
-        if spec.method.startswith("guard_attn"):
+        if spec.method in WITH_ATTENTION:
             actuator = "rescale" if spec.method.endswith("rescale") else "penalty"
             kw.update(attention=True, attention_actuator=actuator)
+        if spec.method == "guard_msign":
+            kw["actuator"] = "msign"
+        if spec.method == "guard_msign10":
+            kw["msign_every"] = 10
             if spec.attn_logit != DEFAULT_MAX_LOGIT:
                 kw["attention_max_scale"] = spec.attn_logit / cfg.d
         guard = spectral_guard.instrument(model, **kw)
@@ -436,7 +442,7 @@ def run(spec: RunSpec) -> dict:
     interventions = 0.0
     if guard is not None:
         m = guard.metrics()
-        interventions = m.get("interventions", 0.0)
+        interventions = m.get("interventions", 0.0) + m.get("msigns", 0.0)
         if attn is not None:
             am = attn.metrics()
             interventions += am["attention_interventions"] + am["attention_rescales"]

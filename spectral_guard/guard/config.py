@@ -12,9 +12,9 @@ from .sensors import SENSOR_NAMES
 SENSORS = SENSOR_NAMES
 """Relative sensors that can drive the thermostat (see :mod:`.sensors`)."""
 
-Actuator = Literal["spectral", "l2"]
+Actuator = Literal["spectral", "l2", "msign"]
 
-DEFAULT_LAMBDA_BASE = {"spectral": 0.05, "l2": 1e-4}
+DEFAULT_LAMBDA_BASE = {"spectral": 0.05, "l2": 1e-4, "msign": 0.05}
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,14 @@ class GuardConfig:
                       already when instrumented, which no retention ratio can see
     Thermostat: ``lambda = lambda_base * (1 + gain * severity)`` when triggered, else
       ``lambda <- decay * lambda`` (0 once below ``lambda_floor * lambda_base``)
-      actuator        ``"spectral"`` (failure-specific terms) or ``"l2"`` (``lambda ||W||_F^2``)
-      lambda_base     ``None``: 0.05 for ``"spectral"``, 1e-4 for ``"l2"``
+      actuator        ``"spectral"`` (failure-specific terms), ``"l2"`` (``lambda ||W||_F^2``),
+                      or ``"msign"`` (a layer flagged for collapse has its weight replaced after
+                      the optimizer step by its Frobenius-norm-preserving matrix sign,
+                      ``guard/msign.py``; conditioning keeps the spectral term)
+      msign_every     ``0`` (off) or ``N``: every ``N`` optimizer steps, the matrix sign of every
+                      penalized layer, flagged or not (MSign's periodic schedule, arXiv
+                      2602.01734; works with any actuator; see docs/efficacy.md for its cost)
+      lambda_base     ``None``: 0.05 for ``"spectral"`` and ``"msign"``, 1e-4 for ``"l2"``
     Layers
       include         regexes on module names; when given, a layer must match one
       exclude         regexes on module names; a matching layer is not guarded
@@ -76,6 +82,7 @@ class GuardConfig:
     thresholds: Thresholds | str | Path | None = None
     collapse_rule: bool = True
     actuator: Actuator = "spectral"
+    msign_every: int = 0
     lambda_base: float | None = None
     gain: float = 4.0
     decay: float = 0.5
@@ -100,8 +107,11 @@ class GuardConfig:
         bad = [s for s in self.sensors if s not in SENSORS]
         if bad:
             raise ValueError(f"unknown sensor(s) {bad}: choose from {list(SENSORS)}")
-        if self.actuator not in ("spectral", "l2"):
-            raise ValueError(f"actuator must be 'spectral' or 'l2', got {self.actuator!r}")
+        if self.actuator not in ("spectral", "l2", "msign"):
+            raise ValueError("actuator must be 'spectral', 'l2' or 'msign', got "
+                             f"{self.actuator!r}")
+        if self.msign_every < 0:
+            raise ValueError(f"msign_every must be >= 0 (0: off), got {self.msign_every}")
         if self.step_on not in ("optimizer", "manual"):
             raise ValueError(f"step_on must be 'optimizer' or 'manual', got {self.step_on!r}")
         if not 0.0 <= self.decay < 1.0:

@@ -8,9 +8,11 @@ One optimizer step of a guarded model, on the training thread:
    leaves it for :meth:`Guard.penalty`;
 2. backward, ``optimizer.step()``;
 3. the optimizer-step hook advances the clock to ``s``: the check launched at ``s - 1`` is applied
-   (its thermostat update sets the lambdas of step ``s``), treated layers refresh their
-   power-iteration vectors, and the check of step ``s`` is launched (device work only; the
-   decompositions run on the worker thread, :mod:`.worker`).
+   (its thermostat update sets the lambdas of step ``s``; with ``actuator="msign"`` a layer it
+   flags for collapse gets its matrix sign now, :mod:`.msign`, as every penalized layer does
+   at multiples of ``msign_every``), treated layers refresh their power-iteration vectors, and
+   the check of step ``s`` is launched (device work only; the decompositions run on the worker
+   thread, :mod:`.worker`).
 
 Nothing in the step reads a device tensor on the host. See ``docs/guard.md``.
 """
@@ -45,6 +47,7 @@ from .check import (
     update_lambdas,
 )
 from .config import GuardConfig
+from .msign import msign_
 from .penalties import condition_term, l2_term, spectral_collapse_term
 from .sampling import LayerSchedule, check_index
 from .select import Skipped, select_layers
@@ -104,6 +107,7 @@ class Guard:
         self._ns = 0
         self._last_penalty: Tensor | None = None
         self._inflight: _InFlight | None = None
+        self._msign_due: list[GuardedLayer] = []
         self._attached: weakref.ref | None = None
         self._owner_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._removed = False
@@ -184,7 +188,7 @@ class Guard:
                 fiedler_rows, layer.state.nonfinite)
 
     def _conditioning(self, layer: GuardedLayer) -> bool:
-        return "condition_number" in layer.sensors and self.config.actuator == "spectral"
+        return "condition_number" in layer.sensors and self.config.actuator != "l2"
 
     def _take_baselines(self, indices: Any) -> None:
         """Measure now and wait (instrumentation and loading are not training steps)."""
@@ -251,6 +255,8 @@ class Guard:
             return
         st.lambdas = update_lambdas(st.lambdas, verdict, self._law)
         st.interventions += int(verdict.fired)
+        if self.config.actuator == "msign" and verdict.triggered["collapse"]:
+            self._msign_due.append(layer)
         self._set_condition_pairs(layer, m)
         self._record(layer, step, verdict.fired)
 
@@ -288,6 +294,22 @@ class Guard:
         old = layer.state
         layer.state = LayerState(generation=old.generation + 1)
         self._take_baselines([index])
+
+    def _matrix_signs(self, step: int) -> None:
+        """The ``"msign"`` actuator on the layers flagged by the check just applied, and the
+        periodic matrix sign of every penalized layer at multiples of ``msign_every``."""
+        due, self._msign_due = self._msign_due, []
+        every = self.config.msign_every
+        if every and step % every == 0:
+            due = [layer for layer in self._layers
+                   if layer.sensors and layer.weight.requires_grad]
+        for layer in due:
+            st = layer.state
+            if st.nonfinite or sharded.is_sharded(layer.weight):
+                st.msigns_skipped += 1   # FSDP2 shards: no full matrix here (docs/guard.md)
+                continue
+            msign_(layer.weight)
+            st.msigns += 1
 
     # ------------------------------------------------------------------------------------------
     # Penalty
@@ -328,6 +350,8 @@ class Guard:
         lam_c, lam_k = st.lambdas["collapse"], st.lambdas["conditioning"]
         if self.config.actuator == "l2":
             return (lam_c + lam_k) * l2_term(W)
+        if self.config.actuator == "msign":  # collapse is answered by the matrix sign
+            lam_c = 0.0
         term = lam_c * spectral_collapse_term(W, probe.u, probe.v) if lam_c > 0 else None
         if lam_k > 0 and st.cond_pairs > 1:
             B = probe.biopsy(W)
@@ -424,6 +448,7 @@ class Guard:
         self._step += 1
         self._forwards = 0
         self._apply_due()
+        self._matrix_signs(self._step)
         self._ns += time.perf_counter_ns() - t0
         self._launch(self._step)
         if self._attention is not None:
@@ -451,6 +476,8 @@ class Guard:
                 "lambda_conditioning": st.lambdas["conditioning"],
                 "checks": st.checks,
                 "interventions": st.interventions,
+                "msigns": st.msigns,
+                "msigns_skipped": st.msigns_skipped,
                 "last_checked_step": st.last_checked_step,
                 "nonfinite": st.nonfinite,
                 "nonfinite_entries": st.nonfinite_entries,
@@ -464,6 +491,7 @@ class Guard:
             "skipped": len(self.skipped),
             "checks": sum(v["checks"] for v in layers.values()),
             "interventions": sum(v["interventions"] for v in layers.values()),
+            "msigns": sum(v["msigns"] for v in layers.values()),
             "treated_layers": sum(layer.state.treated for layer in self._layers),
             "nonfinite_layers": sum(v["nonfinite"] for v in layers.values()),
             "failed_checks": sum(v["failed_checks"] for v in layers.values()),
@@ -475,7 +503,8 @@ class Guard:
     def metrics(self) -> dict[str, float]:
         """Flat numbers for loggers (reads the last penalty from the device: not in the step).
 
-        ``interventions``, ``treated_layers``, ``nonfinite_layers`` (totals);
+        ``interventions``, ``msigns`` (matrix signs applied), ``treated_layers``,
+        ``nonfinite_layers`` (totals);
         ``min_effective_rank_retention`` (over layers with a reading); ``mean_stable_rank_ratio``
         (``SR / k`` of the biopsies, mean over layers with a reading); ``penalty`` (the last
         penalty built, 0 if none).
@@ -488,6 +517,7 @@ class Guard:
                   if r.stable_rank_ratio == r.stable_rank_ratio]
         return {
             "interventions": float(t["interventions"]),
+            "msigns": float(t["msigns"]),
             "treated_layers": float(t["treated_layers"]),
             "min_effective_rank_retention": min(retention) if retention else float("nan"),
             "mean_stable_rank_ratio": sum(ratios) / len(ratios) if ratios else float("nan"),
@@ -552,6 +582,7 @@ class Guard:
             raise ValueError(f"guard state is for other layers: missing {missing[:3]}, "
                              f"unexpected {extra[:3]}")
         saved, now = state.get("config", {}), _schedule_config(self.config)
+        saved.setdefault("msign_every", 0)   # states saved before the option existed
         changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if changed:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -617,7 +648,7 @@ class Guard:
 def _schedule_config(config: GuardConfig) -> dict[str, Any]:
     return {"seed": config.seed, "ratio": config.ratio, "every": config.every,
             "sensors": list(config.sensors), "biopsy_limit": config.biopsy_limit,
-            "actuator": config.actuator}
+            "actuator": config.actuator, "msign_every": config.msign_every}
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:

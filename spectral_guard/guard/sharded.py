@@ -268,6 +268,8 @@ def term(W: DTensor, probe: GuardProbe, st: LayerState, actuator: str) -> Tensor
     lam_c, lam_k = st.lambdas["collapse"], st.lambdas["conditioning"]
     if actuator == "l2":
         return (lam_c + lam_k) * l2_term(W)
+    if actuator == "msign":  # collapse is answered by the matrix sign, not by a term
+        lam_c = 0.0
     out = lam_c * collapse_term(W, probe.u, probe.v) if lam_c > 0 else None
     if lam_k > 0 and st.cond_pairs > 1:
         t = lam_k * condition_term(biopsy(probe, W), probe.cond_u, probe.cond_v,

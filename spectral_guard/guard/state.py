@@ -86,6 +86,8 @@ class LayerState:
     cond_pairs: int = 0
     checks: int = 0
     interventions: int = 0
+    msigns: int = 0
+    msigns_skipped: int = 0
     last_checked_step: int = -1
     nonfinite: bool = False
     nonfinite_entries: int = 0

@@ -1,0 +1,165 @@
+"""The matrix-sign actuator (guard/msign.py) against numpy's SVD, and its wiring in the Guard:
+flagged layers (``actuator="msign"``) and the periodic schedule (``msign_every``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from guard_models import byte_batches, seeded_model, synthetic_text
+
+import spectral_guard
+from spectral_guard.guard.msign import msign_, polar_exact, polar_newton_schulz
+from spectral_guard.guard.state import LayerState
+
+
+def _spread(m: int, n: int, cond: float, seed: int = 0) -> torch.Tensor:
+    """An ``m x n`` matrix with singular values log-spaced from 1 down to ``1 / cond``."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return (U * torch.logspace(0, -np.log10(cond), k, dtype=torch.float64)) @ V.T
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (9, 9)])
+def test_msign_is_the_frobenius_scaled_polar_factor_of_numpy_svd(shape):
+    W = _spread(*shape, cond=1e4, seed=1).float()
+    U, s, Vt = np.linalg.svd(W.double().numpy(), full_matrices=False)
+    frob = float(np.linalg.norm(W.double().numpy()))
+    expected = U @ Vt * frob / np.sqrt(len(s))
+    out = msign_(W.clone())
+    assert np.allclose(out.double().numpy(), expected, atol=1e-5)
+    assert float(out.double().norm()) == pytest.approx(frob, rel=1e-6)
+    sv = torch.linalg.svdvals(out.double())
+    assert float(sv.max() / sv.min()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_msign_keeps_the_rank_of_a_rank_deficient_matrix():
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(10, 3, generator=g) @ torch.randn(3, 8, generator=g)).double()
+    P = polar_exact(W)
+    sv = torch.linalg.svdvals(P)
+    assert torch.allclose(sv[:3], torch.ones(3, dtype=torch.float64), atol=1e-9)
+    assert float(sv[3:].abs().max()) < 1e-9  # null directions are not amplified from noise
+    out = msign_(W.clone())
+    assert float(out.norm()) == pytest.approx(float(W.norm()), rel=1e-9)
+    assert int(torch.linalg.matrix_rank(out)) == 3
+
+
+@pytest.mark.parametrize("shape", [(64, 200), (200, 64)])
+def test_newton_schulz_approximates_the_polar_factor(shape):
+    W = _spread(*shape, cond=1e3, seed=2)
+    P = polar_exact(W)
+    N = polar_newton_schulz(W).double()
+    sv = torch.linalg.svdvals(N)
+    assert 0.6 < float(sv.min()) and float(sv.max()) < 1.25
+    # same singular vectors: N^T-projected onto P is close to the identity on the row space
+    assert float((N - P).norm() / P.norm()) < 0.3
+    stable_rank = float(N.square().sum() / sv[0] ** 2)
+    assert stable_rank > 0.3 * min(shape)  # W's own stable rank is about 1.6
+
+
+def test_non_finite_or_zero_weights_are_left_alone():
+    W = torch.randn(6, 4)
+    W[1, 2] = float("nan")
+    before = W.clone()
+    msign_(W)
+    assert torch.equal(W.isnan(), before.isnan()) and torch.equal(W[~W.isnan()],
+                                                                   before[~before.isnan()])
+    Z = torch.zeros(5, 5)
+    assert torch.equal(msign_(Z), torch.zeros(5, 5))
+
+
+def _model():
+    return seeded_model(0, n_layers=1, d=32, seq=16)
+
+
+def _train(model, steps: int, lr: float = 1e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for x, y in byte_batches(synthetic_text(4000, 0), 4, 16, steps, seed=0):
+        out = model(x, y)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def _erank(W: torch.Tensor) -> float:
+    s = torch.linalg.svdvals(W.detach().double())
+    p = s / s.sum()
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
+
+
+def test_a_layer_flagged_for_collapse_gets_its_matrix_sign():
+    model = _model()
+    W = model.blocks[0].fc.weight
+    with torch.no_grad():
+        W.copy_(torch.outer(W[:, 0], W[0]) + 1e-5 * torch.randn_like(W))
+    erank_before = _erank(W)
+    guard = spectral_guard.instrument(model, ratio=1.0, actuator="msign", attention=False)
+    _train(model, 3)
+    rows = guard.stats()["layers"]
+    assert rows["blocks.0.fc"]["msigns"] >= 1
+    assert {n for n, r in rows.items() if r["msigns"]} == {"blocks.0.fc"}  # only the flagged
+    weight = guard._by_name["blocks.0.fc"].weight
+    assert erank_before < 4 and _erank(weight) > 0.5 * min(weight.shape)  # Adam moved it since
+    assert guard.metrics()["msigns"] == rows["blocks.0.fc"]["msigns"]
+    # the collapse is answered by the sign, not by a penalty term
+    assert float(guard.penalty()) == 0.0
+    spectral = _model()
+    with torch.no_grad():
+        Ws = spectral.blocks[0].fc.weight
+        Ws.copy_(torch.outer(Ws[:, 0], Ws[0]) + 1e-5 * torch.randn_like(Ws))
+    g2 = spectral_guard.instrument(spectral, ratio=1.0, attention=False)
+    _train(spectral, 3)
+    assert g2.metrics()["msigns"] == 0  # the default actuator never rewrites weights
+
+
+def test_msign_every_signs_every_penalized_layer_on_schedule_and_skips_frozen():
+    model = _model()
+    model.blocks[0].q_proj.weight.requires_grad_(False)
+    guard = spectral_guard.instrument(model, msign_every=4, attention=False)
+    penalized = [n for n, r in guard.stats()["layers"].items()
+                 if r["penalized"] and not r["frozen"]]
+    assert penalized
+    _train(model, 3)
+    assert guard.metrics()["msigns"] == 0
+    _train(model, 6)   # steps 4 and 8
+    rows = guard.stats()["layers"]
+    assert all(rows[n]["msigns"] == 2 for n in penalized)
+    assert rows["blocks.0.q_proj"]["msigns"] == 0
+    # right after a scheduled sign, every penalized weight has a flat spectrum
+    _train(model, 3)   # step 12
+    for n in penalized:
+        sv = torch.linalg.svdvals(guard._by_name[n].weight.detach().double())
+        assert float(sv[0] / sv[-1]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_msign_runs_are_deterministic_and_state_dict_carries_counts():
+    def run():
+        torch.manual_seed(0)
+        model = _model()
+        guard = spectral_guard.instrument(model, msign_every=3, actuator="msign",
+                                          attention=False)
+        _train(model, 7, lr=1e-2)
+        return model, guard
+
+    (m1, g1), (m2, g2) = run(), run()
+    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    state = g1.state_dict()
+    assert state["config"]["msign_every"] == 3
+    g2.load_state_dict(state)
+    assert g2.metrics()["msigns"] == g1.metrics()["msigns"] > 0
+    old = LayerState().to_dict()
+    del old["msigns"]
+    assert LayerState.from_dict(old).msigns == 0  # states saved before the actuator existed
+
+
+def test_config_errors_name_the_choices():
+    model = _model()
+    with pytest.raises(ValueError, match="'msign'"):
+        spectral_guard.instrument(model, actuator="sign")
+    with pytest.raises(ValueError, match="msign_every"):
+        spectral_guard.instrument(model, msign_every=-1)
