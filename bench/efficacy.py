@@ -17,9 +17,13 @@ split; nothing is downloaded). Recipe: AdamW (beta2 0.95), linear warmup then co
 same seeds, the same initialization (up to its architecture change) and the same batches.
 
 Methods: ``recipe``; ``adamw`` (no weight decay, no clipping); ``assr_l2`` (spectral_guard with
-``actuator="l2"``, the public ASSR behaviour); ``guard`` (``instrument(model)``);
+``actuator="l2"``, the public ASSR behaviour); ``guard`` (the rank guard alone:
+``instrument(model, attention=False, msign_every=0)``); ``guard_default`` (``instrument(model)``);
 ``guard_attn`` / ``guard_attn_rescale`` (the guard plus the attention-logit guard, penalty or
-rescale actuator); and the known fixes, implemented here only: ``zloss`` (``1e-4 log^2 Z``),
+rescale actuator); ``guard_msign`` / ``guard_msign10`` (with the attention guard: the matrix-sign
+actuator on layers flagged for collapse / the matrix sign of every layer every 10 steps, MSign's
+schedule, arXiv 2602.01734); and the known fixes, implemented here only: ``zloss``
+(``1e-4 log^2 Z``),
 ``qkclip`` (Kimi K2, arXiv 2507.20534: after each step, heads whose max logit in that step's
 forward exceeded ``tau`` get ``W_q,h, W_k,h *= sqrt(tau / max)``), ``sigma_reparam`` (Zhai et
 al. 2023, arXiv 2303.06296: every block Linear ``W -> gamma W / sigma(W)``, one power iteration
@@ -60,11 +64,13 @@ from spectral_guard.guard.attention import DEFAULT_MAX_LOGIT, AttentionGuard  # 
 from spectral_guard.sensors import effective_rank  # noqa: E402
 
 METHODS = ("recipe", "adamw", "assr_l2", "guard", "guard_attn", "guard_attn_rescale",
-           "guard_msign", "guard_msign10", "zloss", "qkclip", "sigma_reparam", "qk_layernorm")
+           "guard_msign", "guard_msign10", "guard_default", "zloss", "qkclip", "sigma_reparam",
+           "qk_layernorm")
 GUARDED = ("assr_l2", "guard", "guard_attn", "guard_attn_rescale", "guard_msign",
-           "guard_msign10")
-WITH_ATTENTION = ("guard_attn", "guard_attn_rescale", "guard_msign", "guard_msign10")
-BASELINES = ("recipe", "guard", "guard_attn")
+           "guard_msign10", "guard_default")
+WITH_ATTENTION = ("guard_attn", "guard_attn_rescale", "guard_msign", "guard_msign10",
+                  "guard_default")
+BASELINES = ("recipe", "guard", "guard_attn", "guard_default")
 Z_LOSS = 1e-4
 
 
@@ -360,6 +366,22 @@ def _spikes(losses: list[float], start: int, window: int = 20, jump: float = 0.5
     return count
 
 
+def guard_kwargs(method: str) -> dict:
+    """The ``instrument()`` arguments of a guarded method (``{}`` for ``guard_default``)."""
+    if method == "guard_default":
+        return {}
+    kw: dict = {"attention": method in WITH_ATTENTION, "msign_every": 0}
+    if method == "assr_l2":
+        kw["actuator"] = "l2"
+    if method == "guard_attn_rescale":
+        kw["attention_actuator"] = "rescale"
+    if method == "guard_msign":
+        kw["actuator"] = "msign"
+    if method == "guard_msign10":
+        kw.update(msign_every=10, msign_gate="always")
+    return kw
+
+
 def _find_attention_guard(guard: object) -> AttentionGuard | None:
     for value in vars(guard).values():
         if isinstance(value, AttentionGuard):
@@ -383,17 +405,9 @@ def run(spec: RunSpec) -> dict:
     guard = attn = None
     wired = False
     if spec.method in GUARDED:
-        kw: dict = {"actuator": "l2"} if spec.method == "assr_l2" else {}
-        kw["attention"] = False   # "guard" and "assr_l2" never include the attention guard
-        if spec.method in WITH_ATTENTION:
-            actuator = "rescale" if spec.method.endswith("rescale") else "penalty"
-            kw.update(attention=True, attention_actuator=actuator)
-        if spec.method == "guard_msign":
-            kw["actuator"] = "msign"
-        if spec.method == "guard_msign10":
-            kw["msign_every"] = 10
-            if spec.attn_logit != DEFAULT_MAX_LOGIT:
-                kw["attention_max_scale"] = spec.attn_logit / cfg.d
+        kw = guard_kwargs(spec.method)
+        if spec.method in WITH_ATTENTION and spec.attn_logit != DEFAULT_MAX_LOGIT:
+            kw["attention_max_scale"] = spec.attn_logit / cfg.d
         guard = spectral_guard.instrument(model, **kw)
         attn = _find_attention_guard(guard)   # the Guard drives it (on_step, penalty)
         wired = attn is not None
@@ -694,8 +708,8 @@ def plots(results: list[dict], summary: dict, lrs: list[float], stress_lr: float
             plt.close(fig)
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    for method in ("recipe", "guard", "guard_attn", "guard_attn_rescale", "qkclip",
-                   "qk_layernorm"):
+    for method in ("recipe", "guard", "guard_attn", "guard_default", "guard_msign10",
+                   "qkclip", "qk_layernorm"):
         rs = [r for r in results if r["method"] == method and r["lr"] == stress_lr
               and r["tag"] in ("sweep", "stress")]
         if not rs:
@@ -826,7 +840,8 @@ def write_doc(path: Path, summary: dict, args: argparse.Namespace, lrs: list[flo
         rs = recipe["sensitivity"][0]
         best_lr = min(lrs, key=lambda lr: recipe["per_lr"][lr][0]
                       if recipe["per_lr"][lr][0] == recipe["per_lr"][lr][0] else math.inf)
-        for method in ("guard", "guard_attn", "guard_attn_rescale"):
+        for method in ("guard_default", "guard", "guard_attn", "guard_attn_rescale",
+                       "guard_msign", "guard_msign10"):
             if method not in summary:
                 continue
             s = summary[method]
@@ -851,7 +866,12 @@ def write_doc(path: Path, summary: dict, args: argparse.Namespace, lrs: list[flo
     if any(s["wired"] for s in summary.values()):
         lines.append("The attention guard ran inside `instrument(model, attention=True)`; the "
                      "`guard` and `assr_l2` rows are `instrument(model, attention=False)` (with "
-                     "`actuator=\"l2\"` for `assr_l2`).")
+                     "`actuator=\"l2\"` for `assr_l2`). `guard_default` is `instrument(model)` "
+                     "with nothing else: the attention guard and the alarm-gated matrix sign "
+                     "every 10 steps. The other guard rows turn the periodic sign off "
+                     "(`msign_every=0`) except `guard_msign10` (`msign_every=10, "
+                     "msign_gate=\"always\"`: MSign's unconditional schedule); `guard_msign` is "
+                     "`actuator=\"msign\"`. Interventions include the matrix signs applied.")
     lines += ["", "## Plots", ""]
     for name in images:
         lines.append(f"![{name}](img/{name})")
@@ -881,7 +901,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--val-batches", type=int, default=16)
     ap.add_argument("--qkclip-tau", type=float, default=30.0)
     ap.add_argument("--shock-methods",
-                    default="recipe,guard,guard_attn,guard_attn_rescale,qkclip,qk_layernorm")
+                    default="recipe,guard,guard_attn,guard_attn_rescale,guard_msign,"
+                            "guard_msign10,guard_default,qkclip,qk_layernorm")
     ap.add_argument("--shock-seeds", type=int, default=3)
     ap.add_argument("--timing-rounds", type=int, default=3,
                     help="round-robin passes of the controlled step-time measurement (0: skip)")

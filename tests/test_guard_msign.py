@@ -9,7 +9,12 @@ import torch
 from guard_models import byte_batches, seeded_model, synthetic_text
 
 import spectral_guard
-from spectral_guard.guard.msign import msign_, polar_exact, polar_newton_schulz
+from spectral_guard.guard.msign import (
+    looks_random_init,
+    msign_,
+    polar_exact,
+    polar_newton_schulz,
+)
 from spectral_guard.guard.state import LayerState
 
 
@@ -97,7 +102,8 @@ def test_a_layer_flagged_for_collapse_gets_its_matrix_sign():
     with torch.no_grad():
         W.copy_(torch.outer(W[:, 0], W[0]) + 1e-5 * torch.randn_like(W))
     erank_before = _erank(W)
-    guard = spectral_guard.instrument(model, ratio=1.0, actuator="msign", attention=False)
+    guard = spectral_guard.instrument(model, ratio=1.0, actuator="msign", attention=False,
+                                      msign_every=0)
     _train(model, 3)
     rows = guard.stats()["layers"]
     assert rows["blocks.0.fc"]["msigns"] >= 1
@@ -111,7 +117,7 @@ def test_a_layer_flagged_for_collapse_gets_its_matrix_sign():
     with torch.no_grad():
         Ws = spectral.blocks[0].fc.weight
         Ws.copy_(torch.outer(Ws[:, 0], Ws[0]) + 1e-5 * torch.randn_like(Ws))
-    g2 = spectral_guard.instrument(spectral, ratio=1.0, attention=False)
+    g2 = spectral_guard.instrument(spectral, ratio=1.0, attention=False, msign_every=0)
     _train(spectral, 3)
     assert g2.metrics()["msigns"] == 0  # the default actuator never rewrites weights
 
@@ -119,7 +125,7 @@ def test_a_layer_flagged_for_collapse_gets_its_matrix_sign():
 def test_msign_every_signs_every_penalized_layer_on_schedule_and_skips_frozen():
     model = _model()
     model.blocks[0].q_proj.weight.requires_grad_(False)
-    guard = spectral_guard.instrument(model, msign_every=4, attention=False)
+    guard = spectral_guard.instrument(model, msign_every=4, msign_gate="always", attention=False)
     penalized = [n for n, r in guard.stats()["layers"].items()
                  if r["penalized"] and not r["frozen"]]
     assert penalized
@@ -140,8 +146,8 @@ def test_msign_runs_are_deterministic_and_state_dict_carries_counts():
     def run():
         torch.manual_seed(0)
         model = _model()
-        guard = spectral_guard.instrument(model, msign_every=3, actuator="msign",
-                                          attention=False)
+        guard = spectral_guard.instrument(model, msign_every=3, msign_gate="always",
+                                          actuator="msign", attention=False)
         _train(model, 7, lr=1e-2)
         return model, guard
 
@@ -163,3 +169,99 @@ def test_config_errors_name_the_choices():
         spectral_guard.instrument(model, actuator="sign")
     with pytest.raises(ValueError, match="msign_every"):
         spectral_guard.instrument(model, msign_every=-1)
+
+
+def _sv(W: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(W.detach().double())
+
+
+def _readings(W: torch.Tensor) -> tuple[float, float, tuple[int, int]]:
+    s = _sv(W)
+    p = s / s.sum()
+    erank = float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
+    return float(s.square().sum() / s[0] ** 2), erank, tuple(W.shape)
+
+
+def test_looks_random_init_tells_fresh_initializations_from_trained_spectra():
+    g = torch.Generator().manual_seed(0)
+    for W in (torch.randn(96, 384, generator=g), torch.nn.Linear(128, 64).weight,
+              0.02 * torch.randn(200, 200, generator=g)):
+        assert looks_random_init(*_readings(W))
+    spread = _spread(96, 384, cond=30.0)                      # a trained-like decaying spectrum
+    spiked = torch.randn(96, 384, generator=g)
+    spiked += 3 * torch.outer(torch.randn(96, generator=g), torch.randn(384, generator=g)) / 20
+    small = torch.randn(8, 300, generator=g)                   # too few singular values to judge
+    assert not looks_random_init(*_readings(spread))
+    assert not looks_random_init(*_readings(spiked))
+    assert not looks_random_init(*_readings(small))
+
+
+def test_alarm_gate_signs_only_while_treating_and_only_fresh_layers():
+    quiet = _model()
+    g_quiet = spectral_guard.instrument(quiet, msign_every=2, attention=False)
+    _train(quiet, 8)   # a healthy start: nothing is treated, nothing is signed
+    assert g_quiet.metrics()["treated_layers"] == 0 and g_quiet.metrics()["msigns"] == 0
+
+    model = _model()
+    pretrained = model.blocks[0].fc.weight
+    with torch.no_grad():   # a layer that does not look freshly initialized
+        pretrained.copy_(_spread(*pretrained.shape, cond=30.0).float())
+    # a target no pair can meet: the attention guard is alarmed from its first reading
+    guard = spectral_guard.instrument(model, msign_every=2, attention_max_scale=1e-6)
+    rows = guard.stats()["layers"]
+    fresh = {n for n, layer in guard._by_name.items() if layer.state.random_init}
+    assert "blocks.0.fc" not in fresh and len(fresh) >= 3
+    _train(model, 4)    # readings land at step 1; steps 2 and 4 are on the schedule
+    rows = guard.stats()["layers"]
+    assert {n for n, r in rows.items() if r["msigns"] == 2} == fresh
+    assert rows["blocks.0.fc"]["msigns"] == 0
+    assert guard.state_dict()["config"]["msign_gate"] == "alarm"
+
+
+def test_the_alarm_needs_the_attention_scale_past_msign_alarm_times_the_target():
+    probe_model = _model()
+    probe = spectral_guard.instrument(probe_model, msign_every=0)
+    probe.step()   # the readings launched at instrumentation land here
+    scale = probe.metrics()["attention_logit_scale"]
+    probe.remove()
+    assert scale > 0
+    # over the target (the penalty acts) but not over twice it: no sign
+    model = _model()
+    guard = spectral_guard.instrument(model, msign_every=2, attention_max_scale=scale / 1.5)
+    _train(model, 4)
+    assert guard.metrics()["attention_treated_pairs"] > 0
+    assert guard.metrics()["msigns"] == 0
+    # the same run with a lower alarm factor signs
+    model = _model()
+    guard = spectral_guard.instrument(model, msign_every=2, attention_max_scale=scale / 1.5,
+                                      msign_alarm=1.2)
+    _train(model, 4)
+    assert guard.metrics()["msigns"] > 0
+    with pytest.raises(ValueError, match="msign_alarm"):
+        spectral_guard.instrument(_model(), msign_alarm=0.5)
+
+
+def test_a_quorum_of_collapsing_layers_raises_the_alarm():
+    def collapsed_run(n_collapsed: int, quorum: float) -> dict:
+        model = _model()
+        guard = spectral_guard.instrument(model, ratio=1.0, attention=False, msign_every=2,
+                                          msign_quorum=quorum)
+        names = [n for n, r in guard.stats()["layers"].items() if r["penalized"]]
+        for name in names[:n_collapsed]:   # collapse after the (fresh) baselines were taken
+            W = guard._by_name[name].weight
+            with torch.no_grad():
+                W.copy_(torch.outer(W[:, 0], W[0]))
+        _train(model, 4, lr=1e-6)   # small steps: the collapse stays what it is
+        return {"stats": guard.stats(), "names": names}
+
+    one = collapsed_run(1, quorum=0.25)
+    total = len(one["names"])
+    assert total >= 4
+    assert one["stats"]["totals"]["treated_layers"] == 1
+    assert one["stats"]["totals"]["msigns"] == 0          # 1 of `total` is under the quorum
+    many = collapsed_run(total // 2, quorum=0.25)
+    assert many["stats"]["totals"]["treated_layers"] >= total // 2
+    rows = many["stats"]["layers"]
+    assert all(rows[n]["msigns"] >= 1 for n in many["names"])   # every fresh layer is signed
+    with pytest.raises(ValueError, match="msign_quorum"):
+        spectral_guard.instrument(_model(), msign_quorum=0.0)

@@ -16,9 +16,9 @@ import spectral_guard
 STEPS, SHOCK_AT, LR = 60, 20, 1e-3
 
 
-def _run(shock: float) -> dict:
+def _run(shock: float, **overrides) -> dict:
     model = seeded_model(0, n_layers=2, d=32, seq=32)
-    guard = spectral_guard.instrument(model)  # defaults
+    guard = spectral_guard.instrument(model, **overrides)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     data = synthetic_text(50_000, seed=0)
     for step, (x, y) in enumerate(byte_batches(data, 8, 32, STEPS, seed=0)):
@@ -36,7 +36,9 @@ def _run(shock: float) -> dict:
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict]:
-    return {"healthy": _run(1.0), "stressed": _run(30.0)}
+    # "stressed" without the periodic matrix sign: what the sensors and the thermostat see
+    return {"healthy": _run(1.0), "stressed": _run(30.0, msign_every=0),
+            "stressed_signed": _run(30.0, msign_alarm=1.0)}
 
 
 def test_healthy_training_triggers_no_interventions(runs):
@@ -45,6 +47,22 @@ def test_healthy_training_triggers_no_interventions(runs):
     assert t["interventions"] <= 1
     assert t["treated_layers"] == 0
     assert "lm_head" in runs["healthy"]["skipped"]  # the output head is never pressured
+    assert t["msigns"] == 0   # no alarm, no matrix sign: the run is the plain run
+
+
+def test_stressed_training_with_the_alarm_raised_gets_the_matrix_sign_and_keeps_its_rank(runs):
+    # this small run's attention scale passes its target but not twice it (the default
+    # alarm): msign_alarm=1 raises the alarm at the target
+    signed, unsigned = runs["stressed_signed"], runs["stressed"]
+    assert signed["totals"]["msigns"] > 0
+
+    def mean_retention(stats: dict) -> float:
+        rows = [r["sensors"]["effective_rank_retention"] for r in stats["layers"].values()
+                if r["sensors"]["effective_rank_retention"] == r["sensors"][
+                    "effective_rank_retention"]]
+        return sum(rows) / len(rows)
+
+    assert mean_retention(signed) > mean_retention(unsigned) + 0.1
 
 
 def test_stressed_training_triggers_interventions(runs):

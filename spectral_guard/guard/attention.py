@@ -562,6 +562,10 @@ class AttentionGuard:
         self._apply_due()
         self._launch(self._step)
 
+    def alarm(self, factor: float = 1.0) -> bool:
+        """Is any pair's latest scale over ``factor`` times its target?"""
+        return any(st.scale > factor * st.target for st in self.states)
+
     def penalty(self, device: torch.device | str | None = None) -> Tensor | None:
         """``sum_pairs lambda * sum_h relu(s_h / t - 1)^2`` in float32 with autocast off (the
         pairs with ``lambda > 0``), on ``device``; ``None`` when no pair is treated."""

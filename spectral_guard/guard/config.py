@@ -41,15 +41,20 @@ class GuardConfig:
                       or ``"msign"`` (a layer flagged for collapse has its weight replaced after
                       the optimizer step by its Frobenius-norm-preserving matrix sign,
                       ``guard/msign.py``; conditioning keeps the spectral term)
-      msign_every     ``0`` (off) or ``N``: every ``N`` optimizer steps, the matrix sign of every
-                      penalized layer, flagged or not (MSign's periodic schedule, arXiv
-                      2602.01734; works with any actuator; see docs/efficacy.md for its cost)
-      lambda_base     ``None``: 0.05 for ``"spectral"`` and ``"msign"``, 1e-4 for ``"l2"``
-    Layers
-      include         regexes on module names; when given, a layer must match one
-      exclude         regexes on module names; a matching layer is not guarded
-      watch_unguarded also instrument layers whose rule switches every guard sensor off
-                      (e.g. output heads): sensors and stats, never a penalty
+      msign_every     ``0`` (off) or ``N``: every ``N`` optimizer steps, the matrix sign of the
+                      layers chosen by ``msign_gate`` (MSign's periodic schedule, arXiv
+                      2602.01734; with any actuator; chosen by bench/efficacy.py)
+      msign_gate      ``"alarm"``: only at steps when the guard's alarm is raised (below), and
+                      only layers that looked randomly initialized when instrumented (a
+                      pretrained layer is never signed); ``"always"``: every penalized layer at
+                      every multiple of ``msign_every``
+      msign_quorum    the alarm, first half: at least this fraction of the penalized layers
+                      treated for collapse at once (the signature of a too-high learning rate
+                      in bench/efficacy.py: 9-13 of 18 layers, against at most 1 in healthy
+                      runs of 600 steps; 0.10 signed a healthy run, 0.25 helped less at the
+                      highest LR)
+      msign_alarm     the alarm, second half: an attention pair's latest scale over this
+                      factor times its target
     Integration
       auto_loss       add the pending penalty to ``output.loss`` / ``output["loss"]``
       history         how many per-layer check records ``guard.history`` keeps (newest)
@@ -82,7 +87,10 @@ class GuardConfig:
     thresholds: Thresholds | str | Path | None = None
     collapse_rule: bool = True
     actuator: Actuator = "spectral"
-    msign_every: int = 0
+    msign_every: int = 10
+    msign_gate: Literal["alarm", "always"] = "alarm"
+    msign_quorum: float = 0.15
+    msign_alarm: float = 2.0
     lambda_base: float | None = None
     gain: float = 4.0
     decay: float = 0.5
@@ -110,6 +118,12 @@ class GuardConfig:
         if self.actuator not in ("spectral", "l2", "msign"):
             raise ValueError("actuator must be 'spectral', 'l2' or 'msign', got "
                              f"{self.actuator!r}")
+        if self.msign_gate not in ("alarm", "always"):
+            raise ValueError(f"msign_gate must be 'alarm' or 'always', got {self.msign_gate!r}")
+        if not 0.0 < self.msign_quorum <= 1.0:
+            raise ValueError(f"msign_quorum must be in (0, 1], got {self.msign_quorum}")
+        if not self.msign_alarm >= 1.0:
+            raise ValueError(f"msign_alarm must be >= 1, got {self.msign_alarm}")
         if self.msign_every < 0:
             raise ValueError(f"msign_every must be >= 0 (0: off), got {self.msign_every}")
         if self.step_on not in ("optimizer", "manual"):

@@ -47,7 +47,7 @@ from .check import (
     update_lambdas,
 )
 from .config import GuardConfig
-from .msign import msign_
+from .msign import looks_random_init, msign_
 from .penalties import condition_term, l2_term, spectral_collapse_term
 from .sampling import LayerSchedule, check_index
 from .select import Skipped, select_layers
@@ -108,6 +108,7 @@ class Guard:
         self._last_penalty: Tensor | None = None
         self._inflight: _InFlight | None = None
         self._msign_due: list[GuardedLayer] = []
+        self._alarm_seen = False
         self._attached: weakref.ref | None = None
         self._owner_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._removed = False
@@ -197,9 +198,13 @@ class Guard:
             return
         measured = self._worker.submit(launch(entries, BASELINE_POWER_ITERS)).result()
         for m in measured:
-            state = self._layers[m.index].state
+            layer = self._layers[m.index]
+            state = layer.state
             state.baseline = None if m.error or m.nonfinite_entries else \
                 baseline_from(m.readings)
+            state.random_init = state.baseline is not None and looks_random_init(
+                m.readings.stable_rank, m.readings.effective_rank,
+                layer.probe.biopsy_shape(tuple(layer.weight.shape)))
 
     def _launch(self, step: int) -> None:
         """Device half of the check of ``step`` plus the treated layers' vector refresh."""
@@ -299,10 +304,15 @@ class Guard:
         """The ``"msign"`` actuator on the layers flagged by the check just applied, and the
         periodic matrix sign of every penalized layer at multiples of ``msign_every``."""
         due, self._msign_due = self._msign_due, []
-        every = self.config.msign_every
-        if every and step % every == 0:
-            due = [layer for layer in self._layers
-                   if layer.sensors and layer.weight.requires_grad]
+        every, gate = self.config.msign_every, self.config.msign_gate
+        if every and gate == "alarm":
+            self._alarm_seen = self._alarm_seen or self._alarm()   # latched between signs
+        if every and step % every == 0 and (gate == "always" or self._alarm_seen):
+            self._alarm_seen = False
+            scheduled = [layer for layer in self._layers
+                         if layer.sensors and layer.weight.requires_grad
+                         and (gate == "always" or layer.state.random_init)]
+            due = list({id(layer): layer for layer in due + scheduled}.values())
         for layer in due:
             st = layer.state
             if st.nonfinite or sharded.is_sharded(layer.weight):
@@ -310,6 +320,18 @@ class Guard:
                 continue
             msign_(layer.weight)
             st.msigns += 1
+
+    def _alarm(self) -> bool:
+        """The matrix sign's gate (host values only): at least ``msign_quorum`` of the
+        penalized layers treated for collapse at once, or an attention pair's latest scale over
+        ``msign_alarm`` times its target."""
+        factor = self.config.msign_alarm
+        if self._attention is not None and self._attention.alarm(factor):
+            return True
+        penalized = [layer for layer in self._layers if layer.sensors]
+        collapsing = sum(layer.state.treated and layer.state.lambdas["collapse"] > 0
+                         for layer in penalized)
+        return bool(penalized) and collapsing >= self.config.msign_quorum * len(penalized)
 
     # ------------------------------------------------------------------------------------------
     # Penalty
@@ -582,7 +604,10 @@ class Guard:
             raise ValueError(f"guard state is for other layers: missing {missing[:3]}, "
                              f"unexpected {extra[:3]}")
         saved, now = state.get("config", {}), _schedule_config(self.config)
-        saved.setdefault("msign_every", 0)   # states saved before the option existed
+        saved.setdefault("msign_every", 0)   # states saved before the options existed
+        saved.setdefault("msign_gate", "alarm")
+        saved.setdefault("msign_alarm", 2.0)
+        saved.setdefault("msign_quorum", 0.15)
         changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if changed:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -648,7 +673,9 @@ class Guard:
 def _schedule_config(config: GuardConfig) -> dict[str, Any]:
     return {"seed": config.seed, "ratio": config.ratio, "every": config.every,
             "sensors": list(config.sensors), "biopsy_limit": config.biopsy_limit,
-            "actuator": config.actuator, "msign_every": config.msign_every}
+            "actuator": config.actuator, "msign_every": config.msign_every,
+            "msign_gate": config.msign_gate, "msign_alarm": config.msign_alarm,
+            "msign_quorum": config.msign_quorum}
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:

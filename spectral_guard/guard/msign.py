@@ -24,11 +24,22 @@ Computation:
   ``1e-3`` into roughly ``[0.7, 1.2]`` in :data:`NS_STEPS` steps: an approximate sign whose
   stable rank is within a factor ~3 of the exact one (tested against the SVD).
 
+Which layers, when (``GuardConfig.msign_every``, ``msign_gate``): with the ``"alarm"`` gate
+(the default) the periodic sign runs only if the guard's alarm was raised since the previous
+multiple of ``msign_every`` (a quorum of layers treated for collapse at once, or an attention
+pair far over its target: ``Guard._alarm``) and only on layers that **looked randomly
+initialized when instrumented**
+(:func:`looks_random_init`): the sign is a pretraining remedy, and flattening the spectrum of a
+pretrained layer would erase what it learned. ``"always"`` is MSign's unconditional schedule on
+every penalized layer.
+
 A weight with a non-finite entry is left unchanged (``torch.where`` on the device; on the CPU
 also one whose SVD fails to converge).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -42,6 +53,32 @@ NS_STEPS = 6
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 """``(a, b, c)`` of the quintic iteration (Muon's published coefficients)."""
+
+
+def looks_random_init(stable_rank: float, effective_rank: float, shape: tuple[int, int]) -> bool:
+    """Whether a matrix's spectrum is that of i.i.d. noise (a fresh initialization).
+
+    The Marchenko-Pastur test of :mod:`spectral_guard.calibrate`, from the two readings the
+    guard takes anyway: with ``p <= q`` the sides and ``y = p / q``, the top-edge statistic
+    ``e = sqrt(p / SR) / (1 + sqrt y)`` (``SR = ||W||_F^2 / sigma_max^2``; 1 at the MP edge) is
+    at most ``MP_EDGE_MAX`` and ``erank / erank(MP_{p,q})`` at least ``MP_ERANK_MIN``. A side
+    under ``MP_MIN_SIDE`` is not judged (``False``).
+
+    Args:
+        stable_rank: ``||W||_F^2 / sigma_max^2`` of the measured matrix.
+        effective_rank: its Roy-Vetterli effective rank.
+        shape: its shape (for the guard, the biopsy's).
+
+    Returns:
+        ``True`` when both statistics are those of a random matrix.
+    """
+    from ..calibrate import MP_EDGE_MAX, MP_ERANK_MIN, MP_MIN_SIDE, mp_effective_rank
+
+    p, q = sorted(int(d) for d in shape)
+    if p < MP_MIN_SIDE or not stable_rank > 0 or not effective_rank > 0:
+        return False
+    edge = math.sqrt(p / stable_rank) / (1 + math.sqrt(p / q))
+    return edge <= MP_EDGE_MAX and effective_rank / mp_effective_rank(p, q) >= MP_ERANK_MIN
 
 
 def polar_exact(W: Tensor) -> Tensor:

@@ -87,6 +87,7 @@ class LayerState:
     checks: int = 0
     interventions: int = 0
     msigns: int = 0
+    random_init: bool = False
     msigns_skipped: int = 0
     last_checked_step: int = -1
     nonfinite: bool = False

@@ -1,0 +1,151 @@
+"""Exploratory variants behind docs/efficacy.md's "what was tried": the same model, data, seeds
+and recipe as ``bench/efficacy.py`` (its ``run``), with other ``instrument()`` arguments or an
+extra post-step operation, under the LR shock and at one LR of the sweep.
+
+    python bench/efficacy_variants.py                       # every variant, shock + lr 0.004
+    python bench/efficacy_variants.py --variants t32,snclip2 --where shock
+
+Variants (all start from ``guard_attn``: ``instrument(model, msign_every=0)``, unless noted):
+
+* ``t32``, ``t24``, ``t16``: attention target ``32 / d`` (24, 16) instead of ``64 / d``;
+* ``lam1``: ``attention_lambda=1.0``; ``ratio1``: ``ratio=1.0``; ``l2_attn``: ``actuator="l2"``;
+* ``sign_attn``, ``sign_mlp``: the matrix sign every 10 steps of the attention projections
+  only / the MLP layers only (``guard/msign.py``'s ``msign_``);
+* ``snclip2``: after each step, every block Linear rescaled to ``sigma_max <= 2 sigma_max(W_0)``
+  (a spectral-norm ceiling relative to initialization);
+* ``quorum15``, ``quorum10``: ``instrument(model)`` with ``msign_quorum`` 0.15 / 0.10.
+
+Results are printed and appended to ``--out`` (JSON lines); nothing is cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import efficacy as E  # noqa: E402
+
+from spectral_guard.guard.msign import msign_  # noqa: E402
+
+VARIANTS: dict[str, dict] = {
+    "t32": {"kw": {"attention_max_scale": 32 / 96}},
+    "t24": {"kw": {"attention_max_scale": 24 / 96}},
+    "t16": {"kw": {"attention_max_scale": 16 / 96}},
+    "lam1": {"kw": {"attention_lambda": 1.0}},
+    "ratio1": {"kw": {"ratio": 1.0}},
+    "l2_attn": {"kw": {"actuator": "l2"}},
+    "sign_attn": {"post": ("sign", 10, r"\.attn\.")},
+    "sign_mlp": {"post": ("sign", 10, r"\.(fc|proj)$")},
+    "snclip2": {"post": ("snclip", 2.0, "")},
+    "quorum15": {"method": "guard_default", "kw": {"msign_quorum": 0.15}},
+    "quorum10": {"method": "guard_default", "kw": {"msign_quorum": 0.10}},
+}
+
+_HANDLES: list = []
+
+
+def _patch(variant: dict) -> None:
+    """Wrap ``instrument`` in efficacy's namespace: extra arguments, and a post-step hook."""
+    original = E.spectral_guard.instrument
+    extra, post = variant.get("kw", {}), variant.get("post")
+
+    def instrument(model, **kw):
+        guard = original(model, **{**kw, **extra})
+        if post is None:
+            return guard
+        kind, value, pattern = post
+        linears = E.block_linears(model)
+        sigma0 = {n: float(torch.linalg.matrix_norm(E.weight_of(m).detach(), 2))
+                  for n, m in linears.items()}
+        clock = {"t": 0}
+
+        @torch.no_grad()
+        def hook(optimizer, args, kwargs):
+            clock["t"] += 1
+            for name, m in linears.items():
+                W = m.parametrizations.weight.original if hasattr(m, "parametrizations") \
+                    else m.weight
+                if kind == "sign" and clock["t"] % value == 0 and re.search(pattern, name):
+                    msign_(W)
+                elif kind == "snclip":
+                    s = torch.linalg.matrix_norm(W, 2)
+                    W.mul_(torch.clamp(value * sigma0[name] / s, max=1.0))
+
+        _HANDLES.append(register_optimizer_step_post_hook(hook))
+        return guard
+
+    E.spectral_guard.instrument = instrument
+
+
+def _work(job: tuple[str, E.RunSpec]) -> dict:
+    name, spec = job
+    torch.set_num_threads(1)
+    _patch(VARIANTS[name])
+    try:
+        r = E.run(spec)
+    finally:
+        while _HANDLES:
+            _HANDLES.pop().remove()
+    return {"variant": name, "tag": spec.tag, "lr": spec.lr, "seed": spec.seed,
+            "steps": spec.steps, "final": r["final"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--where", default="shock,0.004", help="'shock' and/or sweep LRs")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--shock-seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/efficacy_variants.jsonl"))
+    args = ap.parse_args(argv)
+    names = [v for v in args.variants.split(",") if v]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    base = E.RunSpec("guard_attn", 0.016, 0, args.steps, 16, E.ModelConfig(3, 96, 4, 64))
+    jobs = []
+    for where in args.where.split(","):
+        for name in names:
+            spec = replace(base, method=VARIANTS[name].get("method", "guard_attn"))
+            if where == "shock":
+                jobs += [(name, replace(spec, seed=s, tag="shock", warmup=0.0))
+                         for s in range(args.shock_seeds)]
+            else:
+                jobs += [(name, replace(spec, seed=s, lr=float(where), tag="sweep"))
+                         for s in range(args.seeds)]
+    import multiprocessing as mp
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = []
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool, \
+            args.out.open("a") as fh:
+        for r in pool.map(_work, jobs):
+            fh.write(json.dumps(r) + "\n")
+            results.append(r)
+            print(f"[{time.perf_counter() - t0:5.0f}s] {r['variant']:>10} {r['tag']:>5} "
+                  f"lr={r['lr']:g} seed={r['seed']} final={r['final']:.3f}", flush=True)
+    print("\nvariant     where   mean final (seeds)")
+    for name in names:
+        for where in args.where.split(","):
+            xs = [r["final"] for r in results if r["variant"] == name
+                  and (r["tag"] == "shock" if where == "shock" else
+                       r["tag"] == "sweep" and r["lr"] == float(where))]
+            if xs:
+                print(f"{name:>10} {where:>7}   {statistics.fmean(xs):.3f} ({len(xs)})")
+
+
+if __name__ == "__main__":
+    main()
