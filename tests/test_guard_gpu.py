@@ -106,3 +106,24 @@ def test_penalty_lands_on_the_loss_device():
     assert model.a.parametrizations.weight.original.grad.device == torch.device("cuda:0")
     model(torch.randn(8, 64, device="cuda:0"))
     assert guard.penalty().device == torch.device("cuda:1")  # default: the last layer's
+
+
+@cuda
+def test_matrix_sign_on_the_device_matches_the_svd_and_makes_no_host_sync():
+    from spectral_guard.guard.msign import msign_, polar_exact
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(128, 384, generator=g) @ torch.diag(torch.logspace(0, -2, 384))
+    expected = polar_exact(W) * (W.double().norm() / polar_exact(W).norm())
+    Wd = W.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        msign_(Wd)   # Newton-Schulz: matrix products only
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    out = Wd.double().cpu()
+    assert float(out.norm()) == pytest.approx(float(W.double().norm()), rel=1e-4)
+    assert float((out - expected).norm() / expected.norm()) < 0.3
+    sv = torch.linalg.svdvals(out)
+    assert float(sv[0] / sv[-1]) < 2.0   # the spectrum is flattened (W's is 100)
