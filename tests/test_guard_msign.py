@@ -265,3 +265,40 @@ def test_a_quorum_of_collapsing_layers_raises_the_alarm():
     assert all(rows[n]["msigns"] >= 1 for n in many["names"])   # every fresh layer is signed
     with pytest.raises(ValueError, match="msign_quorum"):
         spectral_guard.instrument(_model(), msign_quorum=0.0)
+
+
+def test_resume_carries_the_latched_alarm_bit_for_bit():
+    cfg = dict(msign_every=4, attention_max_scale=1e-6)   # alarm raised from the first reading
+    batches = list(byte_batches(synthetic_text(4000, 0), 4, 16, 7, seed=0))
+
+    def steps(model, opt, chunk):
+        for x, y in chunk:
+            model(x, y)["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+
+    torch.manual_seed(0)
+    ref = _model()
+    g_ref = spectral_guard.instrument(ref, **cfg)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    steps(ref, opt_ref, batches)
+
+    torch.manual_seed(0)
+    first = _model()
+    g1 = spectral_guard.instrument(first, **cfg)
+    opt1 = torch.optim.AdamW(first.parameters(), lr=1e-3)
+    steps(first, opt1, batches[:3])
+    saved = {"model": first.state_dict(), "opt": opt1.state_dict(), "guard": g1.state_dict()}
+    assert saved["guard"]["msign_alarm_seen"] is True and g1.metrics()["msigns"] == 0
+    second = seeded_model(7, n_layers=1, d=32, seq=16)
+    second.load_state_dict(saved["model"])
+    g2 = spectral_guard.instrument(second, **cfg)
+    opt2 = torch.optim.AdamW(second.parameters(), lr=1e-3)
+    opt2.load_state_dict(saved["opt"])
+    g2.load_state_dict(saved["guard"])
+    assert g2.state_dict()["msign_alarm_seen"] is True   # the latch survives the round trip
+    steps(second, opt2, batches[3:])
+
+    assert g_ref.metrics()["msigns"] == g2.metrics()["msigns"] > 0   # the sign at step 4
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, second.state_dict()[k]), k

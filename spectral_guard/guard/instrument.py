@@ -589,6 +589,7 @@ class Guard:
             } for layer in self._layers},
             "inflight": inflight,
             "attention": None if self._attention is None else self._attention.state_dict(),
+            "msign_alarm_seen": self._alarm_seen,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -622,6 +623,7 @@ class Guard:
                                                                     dtype=current.dtype))
         self._step = int(state["step"])
         self._forwards = 0
+        self._alarm_seen = bool(state.get("msign_alarm_seen", False))
         if self._attention is not None and state.get("attention") is not None:
             self._attention.load_state_dict(state["attention"])
         inflight = state.get("inflight")
