@@ -312,17 +312,29 @@ def mp_effective_rank(p: int, q: int) -> float:
     return float(torch.exp(-(prob * torch.log(prob)).sum()))
 
 
+def mp_spectrum_statistics(top_over_frobenius: float, effective_rank: float,
+                           shape: tuple[int, int]) -> tuple[float, float] | None:
+    """``(e, r)`` (module docstring) from ``sigma_max / ||W||_F``, the effective rank and the
+    measured shape, or ``None`` when not judged (a side under ``MP_MIN_SIDE``)."""
+    p, q = sorted(int(d) for d in shape)
+    if p < MP_MIN_SIDE:
+        return None
+    edge = top_over_frobenius * math.sqrt(p) / (1 + math.sqrt(p / q))
+    return edge, effective_rank / mp_effective_rank(p, q)
+
+
+def is_mp_like(edge: float, erank_ratio: float) -> bool:
+    """Both statistics within the bounds of a random matrix."""
+    return edge <= MP_EDGE_MAX and erank_ratio >= MP_ERANK_MIN
+
+
 def mp_statistics(m: MatrixResult) -> tuple[float, float] | None:
     """``(e, r)`` of one audited matrix (module docstring), or ``None`` when not judged."""
     if m.sigma_max is None or m.frobenius is None or m.effective_rank is None \
             or not m.frobenius > 0:
         return None
-    p, q = sorted(m.measured_shape)
-    if p < MP_MIN_SIDE:
-        return None
-    y = p / q
-    edge = m.sigma_max * math.sqrt(p) / (m.frobenius * (1 + math.sqrt(y)))
-    return edge, m.effective_rank / mp_effective_rank(p, q)
+    return mp_spectrum_statistics(m.sigma_max / m.frobenius, m.effective_rank,
+                                  m.measured_shape)
 
 
 @dataclass
@@ -364,7 +376,7 @@ def random_check(results: Iterable[MatrixResult]) -> RandomCheck:
         if stats is None:
             continue
         judged += 1
-        if stats[0] <= MP_EDGE_MAX and stats[1] >= MP_ERANK_MIN:
+        if is_mp_like(*stats):
             mp_like += 1
             if len(examples) < 5:
                 examples.append(m.name)

@@ -72,13 +72,12 @@ def looks_random_init(stable_rank: float, effective_rank: float, shape: tuple[in
     Returns:
         ``True`` when both statistics are those of a random matrix.
     """
-    from ..calibrate import MP_EDGE_MAX, MP_ERANK_MIN, MP_MIN_SIDE, mp_effective_rank
+    from ..calibrate import is_mp_like, mp_spectrum_statistics
 
-    p, q = sorted(int(d) for d in shape)
-    if p < MP_MIN_SIDE or not stable_rank > 0 or not effective_rank > 0:
+    if not stable_rank > 0 or not effective_rank > 0:
         return False
-    edge = math.sqrt(p / stable_rank) / (1 + math.sqrt(p / q))
-    return edge <= MP_EDGE_MAX and effective_rank / mp_effective_rank(p, q) >= MP_ERANK_MIN
+    stats = mp_spectrum_statistics(1 / math.sqrt(stable_rank), effective_rank, shape)
+    return stats is not None and is_mp_like(*stats)
 
 
 def polar_exact(W: Tensor) -> Tensor:
