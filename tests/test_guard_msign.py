@@ -302,3 +302,17 @@ def test_resume_carries_the_latched_alarm_bit_for_bit():
     assert g_ref.metrics()["msigns"] == g2.metrics()["msigns"] > 0   # the sign at step 4
     for k, v in ref.state_dict().items():
         assert torch.equal(v, second.state_dict()[k]), k
+
+
+def test_a_state_saved_before_the_matrix_sign_loads_as_sign_off():
+    import warnings
+
+    old = spectral_guard.instrument(_model(), msign_every=0).state_dict()
+    for key in [k for k in old["config"] if k.startswith("msign_")]:
+        del old["config"][key]          # what a guard of the previous release saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spectral_guard.instrument(_model(), msign_every=0).load_state_dict(old)
+    assert not any(k.startswith("msign_") for k in old["config"])   # the caller's dict is kept
+    with pytest.warns(UserWarning, match=r"msign_every 0 -> 10"):
+        spectral_guard.instrument(_model()).load_state_dict(old)

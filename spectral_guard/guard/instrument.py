@@ -369,11 +369,9 @@ class Guard:
         st, probe = layer.state, layer.probe
         if sharded.is_sharded(W):  # FSDP2: local rows, global value (guard/sharded.py)
             return sharded.term(W, probe, st, self.config.actuator)
-        lam_c, lam_k = st.lambdas["collapse"], st.lambdas["conditioning"]
+        lam_c, lam_k = st.term_lambdas(self.config.actuator)
         if self.config.actuator == "l2":
             return (lam_c + lam_k) * l2_term(W)
-        if self.config.actuator == "msign":  # collapse is answered by the matrix sign
-            lam_c = 0.0
         term = lam_c * spectral_collapse_term(W, probe.u, probe.v) if lam_c > 0 else None
         if lam_k > 0 and st.cond_pairs > 1:
             B = probe.biopsy(W)
@@ -604,11 +602,11 @@ class Guard:
         if missing or extra:
             raise ValueError(f"guard state is for other layers: missing {missing[:3]}, "
                              f"unexpected {extra[:3]}")
-        saved, now = state.get("config", {}), _schedule_config(self.config)
-        saved.setdefault("msign_every", 0)   # states saved before the options existed
-        saved.setdefault("msign_gate", "alarm")
-        saved.setdefault("msign_alarm", 2.0)
-        saved.setdefault("msign_quorum", 0.15)
+        saved, now = dict(state.get("config", {})), _schedule_config(self.config)
+        # states saved before the matrix sign existed: its defaults, switched off
+        for key, value in _schedule_config(GuardConfig(msign_every=0)).items():
+            if key.startswith("msign_"):
+                saved.setdefault(key, value)
         changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if changed:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())

@@ -265,11 +265,9 @@ def biopsy(probe: GuardProbe, W: DTensor) -> Tensor:
 def term(W: DTensor, probe: GuardProbe, st: LayerState, actuator: str) -> Tensor | None:
     """The layer's penalty ``lambda P(W)`` on a sharded weight (what ``Guard._term`` builds for
     a plain one): the same terms, from local pieces and collectives."""
-    lam_c, lam_k = st.lambdas["collapse"], st.lambdas["conditioning"]
+    lam_c, lam_k = st.term_lambdas(actuator)
     if actuator == "l2":
         return (lam_c + lam_k) * l2_term(W)
-    if actuator == "msign":  # collapse is answered by the matrix sign, not by a term
-        lam_c = 0.0
     out = lam_c * collapse_term(W, probe.u, probe.v) if lam_c > 0 else None
     if lam_k > 0 and st.cond_pairs > 1:
         t = lam_k * condition_term(biopsy(probe, W), probe.cond_u, probe.cond_v,

@@ -104,6 +104,12 @@ class LayerState:
     def treated(self) -> bool:
         return self.lam > 0 and not self.nonfinite
 
+    def term_lambdas(self, actuator: str) -> tuple[float, float]:
+        """``(lambda_collapse, lambda_conditioning)`` of the layer's penalty term: with the
+        ``"msign"`` actuator collapse is answered by the matrix sign, not by a term."""
+        collapse = 0.0 if actuator == "msign" else self.lambdas["collapse"]
+        return collapse, self.lambdas["conditioning"]
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["baseline"] = None if self.baseline is None else self.baseline.as_dict()
