@@ -74,8 +74,7 @@ def _patch(variant: dict) -> None:
         def hook(optimizer, args, kwargs):
             clock["t"] += 1
             for name, m in linears.items():
-                W = m.parametrizations.weight.original if hasattr(m, "parametrizations") \
-                    else m.weight
+                W = E.weight_of(m)   # the stored Parameter (behind the guard's parametrization)
                 if kind == "sign" and clock["t"] % value == 0 and re.search(pattern, name):
                     msign_(W)
                 elif kind == "snclip":
