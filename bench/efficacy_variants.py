@@ -50,18 +50,38 @@ VARIANTS: dict[str, dict] = {
     "snclip2": {"post": ("snclip", 2.0, "")},
     "quorum15": {"method": "guard_default", "kw": {"msign_quorum": 0.15}},
     "quorum10": {"method": "guard_default", "kw": {"msign_quorum": 0.10}},
+    "backoff50": {"method": "guard_default", "backoff": (0.5, 0.25)},
+    "backoff25": {"method": "guard_default", "backoff": (0.5, 0.125)},
+    "backoff1": {"method": "guard_default", "backoff": (0.25, 0.0625)},
+    "gov50": {"backoff": (0.5, 0.25)},
+    "half": {"method": "guard_default", "backoff": (0.5, 0.5)},
+    "gentle": {"method": "guard_default", "backoff": (0.8, 0.25)},
+    "sticky": {"method": "guard_default", "sticky": True},
+    "every5": {"method": "guard_default", "kw": {"msign_every": 5}},
+    "def_snclip2": {"method": "guard_default", "post": ("snclip", 2.0, "")},
+    "gov25": {"backoff": (0.5, 0.125)},
 }
 
 _HANDLES: list = []
 
 
-def _patch(variant: dict) -> None:
-    """Wrap ``instrument`` in efficacy's namespace: extra arguments, and a post-step hook."""
+def _patch(variant: dict):
+    """Wrap ``instrument`` in efficacy's namespace: extra arguments, and a post-step hook.
+    Returns the unwrapped function, which the caller puts back after the run."""
     original = E.spectral_guard.instrument
     extra, post = variant.get("kw", {}), variant.get("post")
+    if "backoff" in variant:   # the hook below is the back-off: the guard's own one is off
+        extra = {**extra, "lr_backoff": 1.0}
 
     def instrument(model, **kw):
         guard = original(model, **{**kw, **extra})
+        if variant.get("sticky"):
+            def stick(optimizer, args, kwargs):
+                if any(layer.state.msigns for layer in guard._layers):
+                    guard.config = replace(guard.config, msign_gate="always")
+            _HANDLES.append(register_optimizer_step_post_hook(stick))
+        if "backoff" in variant:
+            _backoff(guard, *variant["backoff"])
         if post is None:
             return guard
         kind, value, pattern = post
@@ -85,15 +105,42 @@ def _patch(variant: dict) -> None:
         return guard
 
     E.spectral_guard.instrument = instrument
+    return original
+
+
+def _backoff(guard, factor: float, floor: float) -> None:
+    """Scale every param group's lr by ``f`` for each step, ``f *= factor`` (down to ``floor``)
+    whenever the guard's alarm fired (a matrix sign was applied)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    state = {"f": 1.0, "signs": 0, "saved": None}
+
+    def pre(optimizer, args, kwargs):
+        state["saved"] = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * state["f"]
+
+    def post(optimizer, args, kwargs):
+        for g, lr in zip(optimizer.param_groups, state["saved"], strict=True):
+            g["lr"] = lr
+        signs = sum(layer.state.msigns for layer in guard._layers)
+        alarm = (guard.global_step % 10 == 0 and guard._alarm()) if not guard.config.msign_every \
+            else signs > state["signs"]
+        if alarm:
+            state["f"] = max(floor, state["f"] * factor)
+        state["signs"] = signs
+
+    _HANDLES.append(register_optimizer_step_pre_hook(pre))
+    _HANDLES.append(register_optimizer_step_post_hook(post))
 
 
 def _work(job: tuple[str, E.RunSpec]) -> dict:
     name, spec = job
     torch.set_num_threads(1)
-    _patch(VARIANTS[name])
+    original = _patch(VARIANTS[name])
     try:
         r = E.run(spec)
     finally:
+        E.spectral_guard.instrument = original   # pool workers run many jobs: never stack
         while _HANDLES:
             _HANDLES.pop().remove()
     return {"variant": name, "tag": spec.tag, "lr": spec.lr, "seed": spec.seed,

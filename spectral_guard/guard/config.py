@@ -55,6 +55,10 @@ class GuardConfig:
                       highest LR)
       msign_alarm     the alarm, second half: an attention pair's latest scale over this
                       factor times its target
+      lr_backoff      at each step where the alarm signs layers, the optimizer's step is
+                      scaled by this factor more (``1.0``: off; ``guard/backoff.py``: every
+                      param group's ``lr`` during ``optimizer.step()`` only; never rises again)
+      lr_floor        the smallest scale the back-off reaches
     Integration
       auto_loss       add the pending penalty to ``output.loss`` / ``output["loss"]``
       history         how many per-layer check records ``guard.history`` keeps (newest)
@@ -91,6 +95,8 @@ class GuardConfig:
     msign_gate: Literal["alarm", "always"] = "alarm"
     msign_quorum: float = 0.15
     msign_alarm: float = 2.0
+    lr_backoff: float = 0.5
+    lr_floor: float = 0.25
     lambda_base: float | None = None
     gain: float = 4.0
     decay: float = 0.5
@@ -124,6 +130,10 @@ class GuardConfig:
             raise ValueError(f"msign_quorum must be in (0, 1], got {self.msign_quorum}")
         if not self.msign_alarm >= 1.0:
             raise ValueError(f"msign_alarm must be >= 1, got {self.msign_alarm}")
+        if not 0.0 < self.lr_backoff <= 1.0:
+            raise ValueError(f"lr_backoff must be in (0, 1] (1: off), got {self.lr_backoff}")
+        if not 0.0 < self.lr_floor <= 1.0:
+            raise ValueError(f"lr_floor must be in (0, 1], got {self.lr_floor}")
         if self.msign_every < 0:
             raise ValueError(f"msign_every must be >= 0 (0: off), got {self.msign_every}")
         if self.step_on not in ("optimizer", "manual"):

@@ -80,13 +80,14 @@ def _after_forward(guard_ref: weakref.ref, module: nn.Module, output: Any) -> An
     return guard._after_forward(output)
 
 
-def optimizer_step_hook(guard_ref: weakref.ref) -> Callable[..., None]:
-    """Global optimizer step post-hook; calls ``guard._on_optimizer_step(optimizer)``."""
+def optimizer_hook(guard_ref: weakref.ref, method: str) -> Callable[..., None]:
+    """A global optimizer step pre- or post-hook calling ``guard.<method>(optimizer)``
+    (``_before_optimizer_step``, ``_on_optimizer_step``); holds the guard weakly."""
 
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         guard = guard_ref()
         if guard is not None:
-            guard._on_optimizer_step(optimizer)
+            getattr(guard, method)(optimizer)
 
     return hook
 

@@ -31,12 +31,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from ..estimators import biopsy_indices, name_seed, no_autocast
 from ..thresholds import Rule
 from . import hooks, sharded
 from .attention import AttentionGuard
+from .backoff import LRBackoff
 from .check import (
     Law,
     Readings,
@@ -109,6 +113,7 @@ class Guard:
         self._inflight: _InFlight | None = None
         self._msign_due: list[GuardedLayer] = []
         self._alarm_seen = False
+        self._backoff = LRBackoff(config.lr_backoff, config.lr_floor)
         self._attached: weakref.ref | None = None
         self._owner_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._removed = False
@@ -153,7 +158,7 @@ class Guard:
             self._by_name[c.name] = layer
         self._root_handles += [
             self.model.register_forward_hook(hooks.RootForwardHook(ref)),
-            register_optimizer_step_post_hook(hooks.optimizer_step_hook(ref)),
+            *_optimizer_hooks(ref),
         ]
         self.model._spectral_guard = self  # lets spectral_guard.remove(model) find the guard
 
@@ -169,6 +174,7 @@ class Guard:
             ordered.update({k: v for k, v in params.items() if k not in ordered})
             params.clear()
             params.update(ordered)
+        self._backoff.after_step()   # removed from inside a step: the lr goes back now
         for handle in self._root_handles:
             handle.remove()
         self._root_handles = []
@@ -308,10 +314,12 @@ class Guard:
         if every and gate == "alarm":
             self._alarm_seen = self._alarm_seen or self._alarm()   # latched between signs
         if every and step % every == 0 and (gate == "always" or self._alarm_seen):
-            self._alarm_seen = False
             scheduled = [layer for layer in self._layers
                          if layer.sensors and layer.weight.requires_grad
                          and (gate == "always" or layer.state.random_init)]
+            if self._alarm_seen and scheduled:
+                self._backoff.on_alarm()   # the alarm signs: the lr is too high (backoff.py)
+            self._alarm_seen = False
             due = list({id(layer): layer for layer in due + scheduled}.values())
         for layer in due:
             st = layer.state
@@ -399,15 +407,21 @@ class Guard:
     # ------------------------------------------------------------------------------------------
     # Clock
 
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._removed and self._backoff.scale != 1.0 and self._follows(optimizer):
+            self._backoff.before_step(optimizer)
+
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._removed or self.config.step_on != "optimizer":
-            return
-        if self._attached is not None:
-            if self._attached() is not optimizer:
-                return
-        elif not self._owns(optimizer):
+        self._backoff.after_step()
+        if self._removed or self.config.step_on != "optimizer" or not self._follows(optimizer):
             return
         self.step()
+
+    def _follows(self, optimizer: torch.optim.Optimizer) -> bool:
+        """The optimizer given to :meth:`attach`, else any optimizer holding a guarded weight."""
+        if self._attached is not None:
+            return self._attached() is optimizer
+        return self._owns(optimizer)
 
     def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
         key = (len(optimizer.param_groups), sum(len(g["params"]) for g in optimizer.param_groups))
@@ -512,6 +526,8 @@ class Guard:
             "checks": sum(v["checks"] for v in layers.values()),
             "interventions": sum(v["interventions"] for v in layers.values()),
             "msigns": sum(v["msigns"] for v in layers.values()),
+            "lr_scale": self._backoff.scale,
+            "lr_backoffs": self._backoff.backoffs,
             "treated_layers": sum(layer.state.treated for layer in self._layers),
             "nonfinite_layers": sum(v["nonfinite"] for v in layers.values()),
             "failed_checks": sum(v["failed_checks"] for v in layers.values()),
@@ -524,7 +540,7 @@ class Guard:
         """Flat numbers for loggers (reads the last penalty from the device: not in the step).
 
         ``interventions``, ``msigns`` (matrix signs applied), ``treated_layers``,
-        ``nonfinite_layers`` (totals);
+        ``nonfinite_layers`` (totals); ``lr_scale`` (the learning-rate back-off, 1 if none);
         ``min_effective_rank_retention`` (over layers with a reading); ``mean_stable_rank_ratio``
         (``SR / k`` of the biopsies, mean over layers with a reading); ``penalty`` (the last
         penalty built, 0 if none).
@@ -538,6 +554,7 @@ class Guard:
         return {
             "interventions": float(t["interventions"]),
             "msigns": float(t["msigns"]),
+            "lr_scale": float(t["lr_scale"]),
             "treated_layers": float(t["treated_layers"]),
             "min_effective_rank_retention": min(retention) if retention else float("nan"),
             "mean_stable_rank_ratio": sum(ratios) / len(ratios) if ratios else float("nan"),
@@ -588,6 +605,7 @@ class Guard:
             "inflight": inflight,
             "attention": None if self._attention is None else self._attention.state_dict(),
             "msign_alarm_seen": self._alarm_seen,
+            "lr_backoff": self._backoff.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -603,9 +621,9 @@ class Guard:
             raise ValueError(f"guard state is for other layers: missing {missing[:3]}, "
                              f"unexpected {extra[:3]}")
         saved, now = dict(state.get("config", {})), _schedule_config(self.config)
-        # states saved before the matrix sign existed: its defaults, switched off
-        for key, value in _schedule_config(GuardConfig(msign_every=0)).items():
-            if key.startswith("msign_"):
+        # states saved before the matrix sign and the back-off existed: switched off
+        for key, value in _schedule_config(GuardConfig(msign_every=0, lr_backoff=1.0)).items():
+            if key.startswith(("msign_", "lr_")):
                 saved.setdefault(key, value)
         changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if changed:
@@ -622,6 +640,7 @@ class Guard:
         self._step = int(state["step"])
         self._forwards = 0
         self._alarm_seen = bool(state.get("msign_alarm_seen", False))
+        self._backoff.load_state_dict(state.get("lr_backoff", {}))
         if self._attention is not None and state.get("attention") is not None:
             self._attention.load_state_dict(state["attention"])
         inflight = state.get("inflight")
@@ -658,8 +677,7 @@ class Guard:
         # but its hook dicts are copied already: reach them through the copied handles.
         forward = copy.deepcopy(self._root_handles[0], memo)
         forward.hooks_dict_ref()[forward.id] = hooks.RootForwardHook(ref)
-        new._root_handles = [forward,
-                             register_optimizer_step_post_hook(hooks.optimizer_step_hook(ref))]
+        new._root_handles = [forward, *_optimizer_hooks(ref)]
         for layer in new._layers:
             post = layer.handles[2]
             post.hooks_dict_ref()[post.id] = hooks.load_post_hook(ref, layer.index)
@@ -670,12 +688,20 @@ class Guard:
                         "model.state_dict())")
 
 
+def _optimizer_hooks(ref: weakref.ref) -> list[Any]:
+    """The global optimizer hooks of the guard behind ``ref``: the step post-hook (its clock)
+    and the pre-hook (the learning-rate back-off)."""
+    return [register_optimizer_step_post_hook(hooks.optimizer_hook(ref, "_on_optimizer_step")),
+            register_optimizer_step_pre_hook(hooks.optimizer_hook(ref, "_before_optimizer_step"))]
+
+
 def _schedule_config(config: GuardConfig) -> dict[str, Any]:
     return {"seed": config.seed, "ratio": config.ratio, "every": config.every,
             "sensors": list(config.sensors), "biopsy_limit": config.biopsy_limit,
             "actuator": config.actuator, "msign_every": config.msign_every,
             "msign_gate": config.msign_gate, "msign_alarm": config.msign_alarm,
-            "msign_quorum": config.msign_quorum}
+            "msign_quorum": config.msign_quorum, "lr_backoff": config.lr_backoff,
+            "lr_floor": config.lr_floor}
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:

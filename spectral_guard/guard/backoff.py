@@ -1,0 +1,85 @@
+"""Learning-rate back-off: the guard's answer to a learning rate that keeps collapsing layers.
+
+The matrix sign (:mod:`.msign`) restores the spectra of layers that collapsed together; when the
+learning rate itself is too high, the next steps collapse them again and the alarm fires at the
+next sign (docs/efficacy.md: at 16x the standard LR, at every window for 150 steps). The
+back-off shrinks the step of the optimizer the guard follows by a scale ``s``:
+
+    s <- max(floor, factor * s)            at each step where the alarm signed layers
+    lr_g -> s * lr_g                       for every param group, during ``optimizer.step()`` only
+
+``lr_g`` is put back as soon as the step returns, so LR schedulers, the optimizer's
+``state_dict`` and a user reading ``param_groups`` never see the scale; ``s`` never rises again
+in a run (it is part of the guard's ``state_dict``). A tensor ``lr`` (capturable optimizers) is
+scaled and restored in place, on its device, without a host read.
+
+Example:
+    >>> backoff = LRBackoff(factor=0.5, floor=0.25)
+    >>> backoff.on_alarm(); backoff.scale
+    0.5
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class LRBackoff:
+    """The scale ``s`` and its application around one optimizer step.
+
+    Args:
+        factor: multiplies ``s`` at each alarm (``1.0``: the back-off is off).
+        floor: ``s`` never goes below it.
+    """
+
+    def __init__(self, factor: float, floor: float) -> None:
+        self.factor = float(factor)
+        self.floor = float(floor)
+        self.scale = 1.0
+        self.backoffs = 0
+        self._saved: list[tuple[dict[str, Any], Any]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.factor < 1.0
+
+    def on_alarm(self) -> None:
+        """The alarm signed layers at this step: ``s <- max(floor, factor * s)``."""
+        if not self.enabled:
+            return
+        scaled = max(self.floor, self.factor * self.scale)
+        if scaled < self.scale:
+            self.scale = scaled
+            self.backoffs += 1
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Scale every param group's ``lr`` by ``s`` (nothing when ``s == 1``)."""
+        self._saved = []
+        if self.scale == 1.0:
+            return
+        for group in optimizer.param_groups:
+            lr = group.get("lr")
+            if isinstance(lr, torch.Tensor):
+                self._saved.append((group, lr.detach().clone()))
+                lr.data.mul_(self.scale)
+            elif isinstance(lr, (int, float)):
+                self._saved.append((group, lr))
+                group["lr"] = lr * self.scale
+
+    def after_step(self) -> None:
+        """Put back the ``lr`` values that :meth:`before_step` scaled."""
+        for group, lr in self._saved:
+            if isinstance(lr, torch.Tensor):
+                group["lr"].data.copy_(lr)
+            else:
+                group["lr"] = lr
+        self._saved = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "backoffs": self.backoffs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = float(state.get("scale", 1.0))
+        self.backoffs = int(state.get("backoffs", 0))
