@@ -867,8 +867,9 @@ def write_doc(path: Path, summary: dict, args: argparse.Namespace, lrs: list[flo
         lines.append("The attention guard ran inside `instrument(model, attention=True)`; the "
                      "`guard` and `assr_l2` rows are `instrument(model, attention=False)` (with "
                      "`actuator=\"l2\"` for `assr_l2`). `guard_default` is `instrument(model)` "
-                     "with nothing else: the attention guard and the alarm-gated matrix sign "
-                     "every 10 steps. The other guard rows turn the periodic sign off "
+                     "with nothing else: the attention guard, the alarm-gated matrix sign "
+                     "every 10 steps and the learning-rate back-off that the same alarm drives. "
+                     "The other guard rows turn the periodic sign (and so the back-off) off "
                      "(`msign_every=0`) except `guard_msign10` (`msign_every=10, "
                      "msign_gate=\"always\"`: MSign's unconditional schedule); `guard_msign` is "
                      "`actuator=\"msign\"`. Interventions include the matrix signs applied.")

@@ -4,6 +4,7 @@ extra post-step operation, under the LR shock and at one LR of the sweep.
 
     python bench/efficacy_variants.py                       # every variant, shock + lr 0.004
     python bench/efficacy_variants.py --variants t32,snclip2 --where shock
+    python bench/efficacy_variants.py --steps 600 --variants floor50,no_backoff --where 0.064,shock
 
 Variants (all start from ``guard_attn``: ``instrument(model, msign_every=0)``, unless noted):
 
@@ -13,7 +14,14 @@ Variants (all start from ``guard_attn``: ``instrument(model, msign_every=0)``, u
   only / the MLP layers only (``guard/msign.py``'s ``msign_``);
 * ``snclip2``: after each step, every block Linear rescaled to ``sigma_max <= 2 sigma_max(W_0)``
   (a spectral-norm ceiling relative to initialization);
-* ``quorum15``, ``quorum10``: ``instrument(model)`` with ``msign_quorum`` 0.15 / 0.10.
+* ``quorum15``, ``quorum10``: ``instrument(model, lr_backoff=1.0)`` with ``msign_quorum`` 0.15
+  / 0.10 (the matrix sign's gate alone, as measured before the back-off existed);
+* from ``instrument(model)`` (the defaults): ``no_backoff`` (``lr_backoff=1.0``), ``floor50``,
+  ``floor12`` (``lr_floor`` 0.5 / 0.125), ``gentle`` (``lr_backoff=0.8``), ``sticky`` (after the
+  first sign, every penalized layer every 10 steps), ``every5`` (``msign_every=5``),
+  ``snclip2_default`` (the defaults plus ``snclip2``);
+* ``backoff_only``: ``guard_attn`` plus a learning-rate back-off (0.5 per alarmed window of 10
+  steps, floor 0.25) without the matrix sign.
 
 Results are printed and appended to ``--out`` (JSON lines); nothing is cached.
 """
@@ -48,18 +56,16 @@ VARIANTS: dict[str, dict] = {
     "sign_attn": {"post": ("sign", 10, r"\.attn\.")},
     "sign_mlp": {"post": ("sign", 10, r"\.(fc|proj)$")},
     "snclip2": {"post": ("snclip", 2.0, "")},
-    "quorum15": {"method": "guard_default", "kw": {"msign_quorum": 0.15}},
-    "quorum10": {"method": "guard_default", "kw": {"msign_quorum": 0.10}},
-    "backoff50": {"method": "guard_default", "backoff": (0.5, 0.25)},
-    "backoff25": {"method": "guard_default", "backoff": (0.5, 0.125)},
-    "backoff1": {"method": "guard_default", "backoff": (0.25, 0.0625)},
-    "gov50": {"backoff": (0.5, 0.25)},
-    "half": {"method": "guard_default", "backoff": (0.5, 0.5)},
-    "gentle": {"method": "guard_default", "backoff": (0.8, 0.25)},
+    "quorum15": {"method": "guard_default", "kw": {"msign_quorum": 0.15, "lr_backoff": 1.0}},
+    "quorum10": {"method": "guard_default", "kw": {"msign_quorum": 0.10, "lr_backoff": 1.0}},
+    "no_backoff": {"method": "guard_default", "kw": {"lr_backoff": 1.0}},
+    "floor50": {"method": "guard_default", "kw": {"lr_floor": 0.5}},
+    "floor12": {"method": "guard_default", "kw": {"lr_floor": 0.125}},
+    "gentle": {"method": "guard_default", "kw": {"lr_backoff": 0.8}},
+    "backoff_only": {"lr_hook": (0.5, 0.25)},
     "sticky": {"method": "guard_default", "sticky": True},
     "every5": {"method": "guard_default", "kw": {"msign_every": 5}},
-    "def_snclip2": {"method": "guard_default", "post": ("snclip", 2.0, "")},
-    "gov25": {"backoff": (0.5, 0.125)},
+    "snclip2_default": {"method": "guard_default", "post": ("snclip", 2.0, "")},
 }
 
 _HANDLES: list = []
@@ -70,8 +76,6 @@ def _patch(variant: dict):
     Returns the unwrapped function, which the caller puts back after the run."""
     original = E.spectral_guard.instrument
     extra, post = variant.get("kw", {}), variant.get("post")
-    if "backoff" in variant:   # the hook below is the back-off: the guard's own one is off
-        extra = {**extra, "lr_backoff": 1.0}
 
     def instrument(model, **kw):
         guard = original(model, **{**kw, **extra})
@@ -80,8 +84,8 @@ def _patch(variant: dict):
                 if any(layer.state.msigns for layer in guard._layers):
                     guard.config = replace(guard.config, msign_gate="always")
             _HANDLES.append(register_optimizer_step_post_hook(stick))
-        if "backoff" in variant:
-            _backoff(guard, *variant["backoff"])
+        if "lr_hook" in variant:
+            _lr_hook(guard, *variant["lr_hook"])
         if post is None:
             return guard
         kind, value, pattern = post
@@ -108,11 +112,12 @@ def _patch(variant: dict):
     return original
 
 
-def _backoff(guard, factor: float, floor: float) -> None:
-    """Scale every param group's lr by ``f`` for each step, ``f *= factor`` (down to ``floor``)
-    whenever the guard's alarm fired (a matrix sign was applied)."""
+def _lr_hook(guard, factor: float, floor: float) -> None:
+    """The back-off without the matrix sign (``msign_every=0``, so the guard's own back-off
+    never fires): every 10 steps, if the guard's alarm is raised, ``f <- max(floor, factor f)``;
+    every param group's lr is scaled by ``f`` during each step."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
-    state = {"f": 1.0, "signs": 0, "saved": None}
+    state = {"f": 1.0, "saved": []}
 
     def pre(optimizer, args, kwargs):
         state["saved"] = [g["lr"] for g in optimizer.param_groups]
@@ -122,12 +127,8 @@ def _backoff(guard, factor: float, floor: float) -> None:
     def post(optimizer, args, kwargs):
         for g, lr in zip(optimizer.param_groups, state["saved"], strict=True):
             g["lr"] = lr
-        signs = sum(layer.state.msigns for layer in guard._layers)
-        alarm = (guard.global_step % 10 == 0 and guard._alarm()) if not guard.config.msign_every \
-            else signs > state["signs"]
-        if alarm:
+        if guard.global_step % 10 == 0 and guard._alarm():
             state["f"] = max(floor, state["f"] * factor)
-        state["signs"] = signs
 
     _HANDLES.append(register_optimizer_step_pre_hook(pre))
     _HANDLES.append(register_optimizer_step_post_hook(post))

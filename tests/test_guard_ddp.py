@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 STEPS = 5
 
 
-def _worker(rank: int, world: int, rdv: str, out_dir: str, broadcast: bool, micro: int) -> None:
+def _worker(rank: int, world: int, rdv: str, out_dir: str, broadcast: bool, micro: int,
+            alarm: bool) -> None:
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -34,10 +35,13 @@ def _worker(rank: int, world: int, rdv: str, out_dir: str, broadcast: bool, micr
         with torch.no_grad():  # collapsed before instrument(): only the absolute rule sees it
             W = model.blocks[0].fc.weight
             W.copy_(torch.outer(W[:, 0], W[0]))
+        # alarm: an attention target no pair meets raises the alarm from the first reading,
+        # so the matrix sign and the learning-rate back-off act at steps 2 and 4
+        extra = {"msign_every": 2, "attention_max_scale": 1e-6} if alarm else {}
         guard = spectral_guard.instrument(
             model, ratio=0.25, thresholds=thresholds(effective_rank_retention_min=0.999,
                                                      effective_rank_ratio_min=0.2,
-                                                     collapse_min_dim=8))
+                                                     collapse_min_dim=8), **extra)
         ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast)
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
         sampled, fc_lambda = [], []
@@ -64,11 +68,12 @@ def _worker(rank: int, world: int, rdv: str, out_dir: str, broadcast: bool, micr
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("broadcast,micro", [(False, 1), (True, 1), (False, 2)])
-def test_ranks_agree_on_weights_and_guard_state(tmp_path, broadcast, micro):
+@pytest.mark.parametrize("broadcast,micro,alarm", [(False, 1, False), (True, 1, False),
+                                                   (False, 2, False), (False, 1, True)])
+def test_ranks_agree_on_weights_and_guard_state(tmp_path, broadcast, micro, alarm):
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
-    mp.spawn(_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path), broadcast, micro),
+    mp.spawn(_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path), broadcast, micro, alarm),
              nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
     assert r0["sampled"] == r1["sampled"] and len(r0["sampled"]) == STEPS
@@ -83,3 +88,8 @@ def test_ranks_agree_on_weights_and_guard_state(tmp_path, broadcast, micro):
                                        equal_nan=True, msg=f"{name} {key}")
     # the layer collapsed before instrument() is treated on both ranks from step 1 on
     assert r0["fc_lambda"] == r1["fc_lambda"] and all(lam > 0 for lam in r0["fc_lambda"])
+    assert r0["guard"]["lr_backoff"] == r1["guard"]["lr_backoff"]
+    assert r0["guard"]["msign_alarm_seen"] == r1["guard"]["msign_alarm_seen"]
+    if alarm:   # both ranks signed and backed off at the same steps
+        assert r0["guard"]["lr_backoff"] == {"scale": 0.25, "backoffs": 2}
+        assert sum(v["state"]["msigns"] for v in r0["guard"]["layers"].values()) > 0

@@ -223,9 +223,40 @@ def _worker(rank: int, world: int, rdv: str, out_dir: str) -> None:
         result["resumed"] = _resumed("spectral", rank, world)
         result["accumulated"] = _train("spectral", rank, world, micro=2)
         result["refused"] = _refusals(world)
+        result["sign"] = _alarmed_sign(world)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _alarmed_sign(world: int) -> dict[str, float]:
+    """Every layer treated for collapse (a retention floor no layer meets) raises the alarm at
+    each step (``msign_every=1``): unsharded, the fresh layers are signed and the learning rate
+    backs off; sharded, the sign skips the shards and so the back-off does not act either."""
+    import spectral_guard
+    from spectral_guard.thresholds import Rule, Thresholds
+
+    torch.manual_seed(0)
+    model = MLP()
+    guard = spectral_guard.instrument(
+        model, ratio=1.0, msign_every=1, attention=False,
+        thresholds=Thresholds(Rule(effective_rank_retention_min=2.0)))
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model.up, mesh=mesh)
+        fully_shard(model.mid, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for batch in _batches():
+        model(*batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    totals = guard.stats()["totals"]
+    skipped = sum(v["msigns_skipped"] for v in guard.stats()["layers"].values())
+    return {"msigns": totals["msigns"], "skipped": skipped, "lr_scale": totals["lr_scale"]}
 
 
 def _refusals(world: int) -> dict[str, str]:
@@ -399,3 +430,12 @@ def _check_collectives(arm: str, rec: dict[str, Any]) -> None:
             assert sizes == [1, 1]
         else:
             assert sizes == [2, 16 * 16, 2, 16 * 16], sizes  # collapse, then conditioning
+
+
+@pytest.mark.timeout(150)
+def test_fsdp2_skips_the_sign_and_so_the_backoff(runs):
+    plain = _alarmed_sign(1)
+    assert plain["msigns"] > 0 and plain["lr_scale"] < 1.0   # unsharded: signed, backed off
+    for r in runs:
+        assert r["sign"]["msigns"] == 0 and r["sign"]["skipped"] > 0
+        assert r["sign"]["lr_scale"] == 1.0

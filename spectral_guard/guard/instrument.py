@@ -313,21 +313,25 @@ class Guard:
         every, gate = self.config.msign_every, self.config.msign_gate
         if every and gate == "alarm":
             self._alarm_seen = self._alarm_seen or self._alarm()   # latched between signs
+        alarmed = []
         if every and step % every == 0 and (gate == "always" or self._alarm_seen):
-            scheduled = [layer for layer in self._layers
-                         if layer.sensors and layer.weight.requires_grad
-                         and (gate == "always" or layer.state.random_init)]
-            if self._alarm_seen and scheduled:
-                self._backoff.on_alarm()   # the alarm signs: the lr is too high (backoff.py)
+            alarmed = [layer for layer in self._layers
+                       if layer.sensors and layer.weight.requires_grad
+                       and (gate == "always" or layer.state.random_init)]
+            if gate == "always":
+                alarmed, due = [], due + alarmed   # a schedule, not an alarm: no back-off
             self._alarm_seen = False
-            due = list({id(layer): layer for layer in due + scheduled}.values())
-        for layer in due:
+        signed_by_alarm, by_alarm = 0, {id(layer) for layer in alarmed}
+        for layer in list({id(layer): layer for layer in due + alarmed}.values()):
             st = layer.state
             if st.nonfinite or sharded.is_sharded(layer.weight):
                 st.msigns_skipped += 1   # FSDP2 shards: no full matrix here (docs/guard.md)
                 continue
             msign_(layer.weight)
             st.msigns += 1
+            signed_by_alarm += id(layer) in by_alarm
+        if signed_by_alarm:
+            self._backoff.on_alarm()   # the alarm signed: the lr is too high (backoff.py)
 
     def _alarm(self) -> bool:
         """The matrix sign's gate (host values only): at least ``msign_quorum`` of the
