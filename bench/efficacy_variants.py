@@ -114,23 +114,21 @@ def _patch(variant: dict):
 
 def _lr_hook(guard, factor: float, floor: float) -> None:
     """The back-off without the matrix sign (``msign_every=0``, so the guard's own back-off
-    never fires): every 10 steps, if the guard's alarm is raised, ``f <- max(floor, factor f)``;
-    every param group's lr is scaled by ``f`` during each step."""
+    never fires): the guard's ``LRBackoff`` around every step, backed off every 10 steps while
+    the guard's alarm is raised."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
-    state = {"f": 1.0, "saved": []}
 
-    def pre(optimizer, args, kwargs):
-        state["saved"] = [g["lr"] for g in optimizer.param_groups]
-        for g in optimizer.param_groups:
-            g["lr"] = g["lr"] * state["f"]
+    from spectral_guard.guard.backoff import LRBackoff
+
+    backoff = LRBackoff(factor, floor)
 
     def post(optimizer, args, kwargs):
-        for g, lr in zip(optimizer.param_groups, state["saved"], strict=True):
-            g["lr"] = lr
+        backoff.after_step()
         if guard.global_step % 10 == 0 and guard._alarm():
-            state["f"] = max(floor, state["f"] * factor)
+            backoff.on_alarm()
 
-    _HANDLES.append(register_optimizer_step_pre_hook(pre))
+    _HANDLES.append(register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: backoff.before_step(optimizer)))
     _HANDLES.append(register_optimizer_step_post_hook(post))
 
 

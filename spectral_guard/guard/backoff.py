@@ -46,9 +46,8 @@ class LRBackoff:
         return self.factor < 1.0
 
     def on_alarm(self) -> None:
-        """The alarm signed layers at this step: ``s <- max(floor, factor * s)``."""
-        if not self.enabled:
-            return
+        """The alarm signed layers at this step: ``s <- max(floor, factor * s)`` (a back-off
+        when it lowers ``s``; never with ``factor == 1``)."""
         scaled = max(self.floor, self.factor * self.scale)
         if scaled < self.scale:
             self.scale = scaled

@@ -313,23 +313,25 @@ class Guard:
         every, gate = self.config.msign_every, self.config.msign_gate
         if every and gate == "alarm":
             self._alarm_seen = self._alarm_seen or self._alarm()   # latched between signs
-        alarmed = []
+        alarmed: list[GuardedLayer] = []
         if every and step % every == 0 and (gate == "always" or self._alarm_seen):
-            alarmed = [layer for layer in self._layers
-                       if layer.sensors and layer.weight.requires_grad
-                       and (gate == "always" or layer.state.random_init)]
+            chosen = [layer for layer in self._layers
+                      if layer.sensors and layer.weight.requires_grad
+                      and (gate == "always" or layer.state.random_init)]
             if gate == "always":
-                alarmed, due = [], due + alarmed   # a schedule, not an alarm: no back-off
+                due = due + chosen   # a schedule, not an alarm: no back-off
+            else:
+                alarmed = chosen
             self._alarm_seen = False
-        signed_by_alarm, by_alarm = 0, {id(layer) for layer in alarmed}
-        for layer in list({id(layer): layer for layer in due + alarmed}.values()):
+        by_alarm, signed_by_alarm = {id(layer) for layer in alarmed}, False
+        for layer in {id(layer): layer for layer in due + alarmed}.values():
             st = layer.state
             if st.nonfinite or sharded.is_sharded(layer.weight):
                 st.msigns_skipped += 1   # FSDP2 shards: no full matrix here (docs/guard.md)
                 continue
             msign_(layer.weight)
             st.msigns += 1
-            signed_by_alarm += id(layer) in by_alarm
+            signed_by_alarm |= id(layer) in by_alarm
         if signed_by_alarm:
             self._backoff.on_alarm()   # the alarm signed: the lr is too high (backoff.py)
 
