@@ -7,7 +7,10 @@
   never recompiles because of the guard.
 * **Optimizer step post-hook** (global): the clock. Each step of an optimizer holding a guarded
   weight (or only the attached one) advances the guard, which applies the last check and
-  launches the next one: per-step decisions happen here, outside any traced region.
+  launches the next one: per-step decisions happen here, outside any traced region. With the
+  **pre-hook** (the learning-rate back-off) it is wrapped in ``torch.compiler.disable``: a
+  compiled ``optimizer.step`` runs both eagerly, at the two ends of its graph, instead of
+  tracing the guard's host logic (which would recompile at every step).
 * **state_dict hooks** per layer: keep the keys ``<path>.weight`` both ways.
 * **load_state_dict post-hook** per layer: weights loaded after ``instrument()`` (pretrained
   weights) make the guard take that layer's baseline again.
@@ -84,6 +87,7 @@ def optimizer_hook(guard_ref: weakref.ref, method: str) -> Callable[..., None]:
     """A global optimizer step pre- or post-hook calling ``guard.<method>(optimizer)``
     (``_before_optimizer_step``, ``_on_optimizer_step``); holds the guard weakly."""
 
+    @torch.compiler.disable
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         guard = guard_ref()
         if guard is not None:
