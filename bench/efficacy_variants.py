@@ -5,6 +5,7 @@ extra post-step operation, under the LR shock and at one LR of the sweep.
     python bench/efficacy_variants.py                       # every variant, shock + lr 0.004
     python bench/efficacy_variants.py --variants t32,snclip2 --where shock
     python bench/efficacy_variants.py --steps 600 --variants floor50,no_backoff --where 0.064,shock
+    python bench/efficacy_variants.py --model 4,128,4,64 --variants recipe,default --where shock
 
 Variants (all start from ``guard_attn``: ``instrument(model, msign_every=0)``, unless noted):
 
@@ -22,6 +23,15 @@ Variants (all start from ``guard_attn``: ``instrument(model, msign_every=0)``, u
   ``snclip2_default`` (the defaults plus ``snclip2``);
 * ``backoff_only``: ``guard_attn`` plus a learning-rate back-off (0.5 per alarmed window of 10
   steps, floor 0.25) without the matrix sign.
+* ``recipe``, ``default``, ``sigma_reparam``, ``qk_layernorm``: the benchmark's methods
+  unchanged (references for ``--model``, another model than the benchmark's);
+* ``per_quorum``: the defaults with the back-off set by how many quorums of layers are
+  treated for collapse at an alarmed sign: ``s <- max(floor, min(s, 0.5 ** k))``,
+  ``k = max(1, floor(f / msign_quorum))``, instead of halving at every alarmed sign;
+* ``fresh``, ``fresh25``: the defaults with the alarm's quorum counted on fresh readings
+  (layers whose check in the last 10 steps, after the last sign, read collapsed) instead of
+  layers still treated (``lambda > 0``, which decays over several healthy checks); ``fresh25``
+  also backs off to 1/4 at once (``lr_backoff=0.25``).
 
 Results are printed and appended to ``--out`` (JSON lines); nothing is cached.
 """
@@ -66,6 +76,13 @@ VARIANTS: dict[str, dict] = {
     "sticky": {"method": "guard_default", "sticky": True},
     "every5": {"method": "guard_default", "kw": {"msign_every": 5}},
     "snclip2_default": {"method": "guard_default", "post": ("snclip", 2.0, "")},
+    "recipe": {"method": "recipe"},
+    "default": {"method": "guard_default"},
+    "sigma_reparam": {"method": "sigma_reparam"},
+    "qk_layernorm": {"method": "qk_layernorm"},
+    "per_quorum": {"method": "guard_default", "per_quorum": True},
+    "fresh": {"method": "guard_default", "fresh_alarm": True},
+    "fresh25": {"method": "guard_default", "fresh_alarm": True, "kw": {"lr_backoff": 0.25}},
 }
 
 _HANDLES: list = []
@@ -84,6 +101,11 @@ def _patch(variant: dict):
                 if any(layer.state.msigns for layer in guard._layers):
                     guard.config = replace(guard.config, msign_gate="always")
             _HANDLES.append(register_optimizer_step_post_hook(stick))
+        if variant.get("per_quorum"):
+            guard._backoff.on_alarm = lambda: _per_quorum_backoff(guard)
+        if variant.get("fresh_alarm"):
+            seen = {"signs": 0, "at": -1}
+            guard._alarm = lambda: _fresh_alarm(guard, seen)   # instance attribute: this run
         if "lr_hook" in variant:
             _lr_hook(guard, *variant["lr_hook"])
         if post is None:
@@ -110,6 +132,40 @@ def _patch(variant: dict):
 
     E.spectral_guard.instrument = instrument
     return original
+
+
+def _per_quorum_backoff(guard) -> None:
+    """``s <- max(floor, min(s, factor ** k))`` with ``k = max(1, floor(f / quorum))``, ``f``
+    the fraction of penalized layers treated for collapse at this alarmed sign."""
+    import math
+
+    b, quorum = guard._backoff, guard.config.msign_quorum
+    penalized = [layer for layer in guard._layers if layer.sensors]
+    f = sum(layer.state.treated and layer.state.lambdas["collapse"] > 0
+            for layer in penalized) / max(1, len(penalized))
+    k = max(1, math.floor(f / quorum + 1e-9))
+    scaled = max(b.floor, min(b.scale, b.factor ** k))
+    if scaled < b.scale:
+        b.scale, b.backoffs = scaled, b.backoffs + 1
+
+
+def _fresh_alarm(guard, seen: dict) -> bool:
+    """``Guard._alarm`` with the quorum counted on the readings taken in the last window and
+    after the last sign (``seen`` remembers when the sign count last changed)."""
+    from spectral_guard.guard.check import judge
+
+    if guard._attention is not None and guard._attention.alarm(guard.config.msign_alarm):
+        return True
+    signs = sum(layer.state.msigns for layer in guard._layers)
+    if signs != seen["signs"]:
+        seen.update(signs=signs, at=guard.global_step)
+    since = max(seen["at"], guard.global_step - guard.config.msign_every)
+    penalized = [layer for layer in guard._layers if layer.sensors]
+    fresh = sum(layer.state.last_checked_step > since
+                and judge(layer.state.readings, layer.sensors, layer.rule, layer.min_dim,
+                          guard.config.collapse_rule).triggered["collapse"]
+                for layer in penalized)
+    return bool(penalized) and fresh >= guard.config.msign_quorum * len(penalized)
 
 
 def _lr_hook(guard, factor: float, floor: float) -> None:
@@ -154,13 +210,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shock-seeds", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--model", default="3,96,4,64",
+                    help="layers,d,heads,context (another model than the benchmark's)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/efficacy_variants.jsonl"))
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     bad = [v for v in names if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
-    base = E.RunSpec("guard_attn", 0.016, 0, args.steps, 16, E.ModelConfig(3, 96, 4, 64))
+    model = E.ModelConfig(*(int(v) for v in args.model.split(",")))
+    base = E.RunSpec("guard_attn", 0.016, 0, args.steps, 16, model)
     jobs = []
     for where in args.where.split(","):
         for name in names:

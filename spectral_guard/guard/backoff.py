@@ -1,9 +1,11 @@
-"""Learning-rate back-off: the guard's answer to a learning rate that keeps collapsing layers.
+"""Learning-rate back-off: the guard's answer to a learning rate that collapses layers together.
 
-The matrix sign (:mod:`.msign`) restores the spectra of layers that collapsed together; when the
-learning rate itself is too high, the next steps collapse them again and the alarm fires at the
-next sign (docs/efficacy.md: at 16x the standard LR, at every window for 150 steps). The
-back-off shrinks the step of the optimizer the guard follows by a scale ``s``:
+The matrix sign (:mod:`.msign`) restores the spectra of layers that collapsed together, and the
+alarm stays raised while those layers stay treated (their ``lambda`` decays over several healthy
+checks), so the sign repeats at every window through the high-LR phase (docs/efficacy.md: 100 to
+150 steps in the benchmark, and no layer read collapsed again between signs). A learning rate
+that collapses a quorum of layers is too high for this model; the back-off shrinks the step of
+the optimizer the guard follows by a scale ``s``:
 
     s <- max(floor, factor * s)            at each step where the alarm signed layers
     lr_g -> s * lr_g                       for every param group, during ``optimizer.step()`` only
