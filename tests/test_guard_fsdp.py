@@ -230,16 +230,17 @@ def _worker(rank: int, world: int, rdv: str, out_dir: str) -> None:
 
 
 def _alarmed_sign(world: int) -> dict[str, float]:
-    """Every layer treated for collapse (a retention floor no layer meets) raises the alarm at
-    each step (``msign_every=1``): unsharded, the fresh layers are signed and the learning rate
-    backs off; sharded, the sign skips the shards and so the back-off does not act either."""
+    """Every layer treated for collapse (a retention floor no layer meets; ``msign_fall=0``:
+    counted however it fell) raises the alarm at each step (``msign_every=1``): unsharded, the
+    fresh layers are signed and the learning rate backs off; sharded, the sign skips the shards
+    and so the back-off does not act either."""
     import spectral_guard
     from spectral_guard.thresholds import Rule, Thresholds
 
     torch.manual_seed(0)
     model = MLP()
     guard = spectral_guard.instrument(
-        model, ratio=1.0, msign_every=1, attention=False,
+        model, ratio=1.0, msign_every=1, attention=False, msign_fall=0,   # no fall needed
         thresholds=Thresholds(Rule(effective_rank_retention_min=2.0)))
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh

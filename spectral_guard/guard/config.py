@@ -48,11 +48,14 @@ class GuardConfig:
                       only layers that looked randomly initialized when instrumented (a
                       pretrained layer is never signed); ``"always"``: every penalized layer at
                       every multiple of ``msign_every``
-      msign_quorum    the alarm, first half: at least this fraction of the penalized layers
-                      treated for collapse at once (the signature of a too-high learning rate
-                      in bench/efficacy.py: 9-13 of 18 layers, against at most 1 in healthy
-                      runs of 600 steps; 0.10 signed a healthy run, 0.25 helped less at the
-                      highest LR)
+      msign_quorum    the alarm, first half (``guard/alarm.py``): at least this fraction of
+                      the penalized layers treated for collapse at once, each fallen suddenly
+                      (the signature of a too-high learning rate in bench/efficacy.py; 0.10
+                      signed a healthy run, 0.25 helped less at the highest LR)
+      msign_fall      a layer counts toward the quorum only if, when its treatment for
+                      collapse began, it had lost 0.3 of effective-rank retention within this
+                      many optimizer steps (7-36 at too-high LRs, 120-290 in healthy runs;
+                      ``0``: any layer treated for collapse counts)
       msign_alarm     the alarm, second half: an attention pair's latest scale over this
                       factor times its target
       lr_backoff      at each step where the alarm signs layers, the optimizer's step is
@@ -95,6 +98,7 @@ class GuardConfig:
     msign_gate: Literal["alarm", "always"] = "alarm"
     msign_quorum: float = 0.15
     msign_alarm: float = 2.0
+    msign_fall: int = 60
     lr_backoff: float = 0.5
     lr_floor: float = 0.25
     lambda_base: float | None = None
@@ -134,6 +138,8 @@ class GuardConfig:
             raise ValueError(f"lr_backoff must be in (0, 1] (1: off), got {self.lr_backoff}")
         if not 0.0 < self.lr_floor <= 1.0:
             raise ValueError(f"lr_floor must be in (0, 1], got {self.lr_floor}")
+        if self.msign_fall < 0:
+            raise ValueError(f"msign_fall must be >= 0 (0: any fall), got {self.msign_fall}")
         if self.msign_every < 0:
             raise ValueError(f"msign_every must be >= 0 (0: off), got {self.msign_every}")
         if self.step_on not in ("optimizer", "manual"):

@@ -39,6 +39,7 @@ from torch.optim.optimizer import (
 from ..estimators import biopsy_indices, name_seed, no_autocast
 from ..thresholds import Rule
 from . import hooks, sharded
+from .alarm import fall_steps, fell_suddenly, remember
 from .attention import AttentionGuard
 from .backoff import LRBackoff
 from .check import (
@@ -208,6 +209,7 @@ class Guard:
             state = layer.state
             state.baseline = None if m.error or m.nonfinite_entries else \
                 baseline_from(m.readings)
+            state.recent_retention = remember([], self._step, 1.0, self.config.msign_fall)
             state.random_init = state.baseline is not None and looks_random_init(
                 m.readings.stable_rank, m.readings.effective_rank,
                 layer.probe.biopsy_shape(tuple(layer.weight.shape)))
@@ -257,6 +259,7 @@ class Guard:
             return
         if st.baseline is None:
             st.baseline = baseline_from(m.readings)  # deferred: the layer just became non-zero
+            st.recent_retention = remember([], step, 1.0, self.config.msign_fall)
         st.readings = relative(m.readings, st.baseline)
         verdict = judge(st.readings, layer.sensors, layer.rule, layer.min_dim,
                         self.config.collapse_rule)
@@ -265,6 +268,13 @@ class Guard:
             self._record(layer, step, verdict.fired)
             return
         st.lambdas = update_lambdas(st.lambdas, verdict, self._law)
+        retention = st.readings.effective_rank_retention
+        if st.lambdas["collapse"] <= 0:
+            st.collapse_fall = -1
+        elif st.collapse_fall < 0:   # treated for collapse: has it fallen suddenly yet?
+            st.collapse_fall = fall_steps(st.recent_retention, step, retention)
+        st.recent_retention = remember(st.recent_retention, step, retention,
+                                       self.config.msign_fall)
         st.interventions += int(verdict.fired)
         if self.config.actuator == "msign" and verdict.triggered["collapse"]:
             self._msign_due.append(layer)
@@ -336,16 +346,18 @@ class Guard:
             self._backoff.on_alarm()   # the alarm signed: the lr is too high (backoff.py)
 
     def _alarm(self) -> bool:
-        """The matrix sign's gate (host values only): at least ``msign_quorum`` of the
-        penalized layers treated for collapse at once, or an attention pair's latest scale over
-        ``msign_alarm`` times its target."""
-        factor = self.config.msign_alarm
-        if self._attention is not None and self._attention.alarm(factor):
+        """The matrix sign's gate (``guard/alarm.py``; host values only): at least
+        ``msign_quorum`` of the penalized layers treated for collapse at once, each fallen
+        within ``msign_fall`` steps, or an attention pair's latest scale over ``msign_alarm``
+        times its target."""
+        config = self.config
+        if self._attention is not None and self._attention.alarm(config.msign_alarm):
             return True
         penalized = [layer for layer in self._layers if layer.sensors]
         collapsing = sum(layer.state.treated and layer.state.lambdas["collapse"] > 0
+                         and fell_suddenly(layer.state.collapse_fall, config.msign_fall)
                          for layer in penalized)
-        return bool(penalized) and collapsing >= self.config.msign_quorum * len(penalized)
+        return bool(penalized) and collapsing >= config.msign_quorum * len(penalized)
 
     # ------------------------------------------------------------------------------------------
     # Penalty
@@ -519,6 +531,7 @@ class Guard:
                 "msigns": st.msigns,
                 "msigns_skipped": st.msigns_skipped,
                 "last_checked_step": st.last_checked_step,
+                "collapse_fall": st.collapse_fall,
                 "nonfinite": st.nonfinite,
                 "nonfinite_entries": st.nonfinite_entries,
                 "failed_checks": st.failed_checks,
@@ -627,11 +640,14 @@ class Guard:
             raise ValueError(f"guard state is for other layers: missing {missing[:3]}, "
                              f"unexpected {extra[:3]}")
         saved, now = dict(state.get("config", {})), _schedule_config(self.config)
-        # states saved before the matrix sign and the back-off existed: switched off
-        for key, value in _schedule_config(GuardConfig(msign_every=0, lr_backoff=1.0)).items():
+        # states saved before the matrix sign, its fall rule and the back-off: switched off
+        off = GuardConfig(msign_every=0, lr_backoff=1.0, msign_fall=0)
+        for key, value in _schedule_config(off).items():
             if key.startswith(("msign_", "lr_")):
                 saved.setdefault(key, value)
         changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if saved.get("msign_every") == now["msign_every"] == 0:   # no sign: its gate is moot
+            changed = {k: v for k, v in changed.items() if not k.startswith("msign_")}
         if changed:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             warnings.warn(f"guard state saved with other settings ({what}): the run will "
@@ -706,7 +722,8 @@ def _schedule_config(config: GuardConfig) -> dict[str, Any]:
             "sensors": list(config.sensors), "biopsy_limit": config.biopsy_limit,
             "actuator": config.actuator, "msign_every": config.msign_every,
             "msign_gate": config.msign_gate, "msign_alarm": config.msign_alarm,
-            "msign_quorum": config.msign_quorum, "lr_backoff": config.lr_backoff,
+            "msign_quorum": config.msign_quorum, "msign_fall": config.msign_fall,
+            "lr_backoff": config.lr_backoff,
             "lr_floor": config.lr_floor}
 
 

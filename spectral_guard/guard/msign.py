@@ -26,8 +26,8 @@ Computation:
 
 Which layers, when (``GuardConfig.msign_every``, ``msign_gate``): with the ``"alarm"`` gate
 (the default) the periodic sign runs only if the guard's alarm was raised since the previous
-multiple of ``msign_every`` (a quorum of layers treated for collapse at once, or an attention
-pair far over its target: ``Guard._alarm``) and only on layers that **looked randomly
+multiple of ``msign_every`` (a quorum of layers that collapsed suddenly, or an attention pair
+far over its target: :mod:`.alarm`) and only on layers that **looked randomly
 initialized when instrumented**
 (:func:`looks_random_init`): the sign is a pretraining remedy, and flattening the spectrum of a
 pretrained layer would erase what it learned. ``"always"`` is MSign's unconditional schedule on

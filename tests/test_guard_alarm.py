@@ -1,0 +1,88 @@
+"""The alarm's fall rule (guard/alarm.py): a quorum of layers that collapse suddenly raises the
+alarm; the same layers collapsing slowly, as healthy training does, do not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from guard_models import seeded_model
+
+import spectral_guard
+from spectral_guard.guard.alarm import FALL_DEPTH, fall_steps, fell_suddenly, remember
+
+
+def test_remember_keeps_the_horizon_and_fall_steps_finds_the_latest_higher_reading():
+    recent: list = []
+    for step, r in [(0, 1.0), (10, 0.95), (30, 0.9), (50, 0.8), (70, 0.75)]:
+        recent = remember(recent, step, r, horizon=40)
+    assert recent == [(30, 0.9), (50, 0.8), (70, 0.75)]          # steps >= 70 - 40
+    assert remember(recent, 80, float("nan"), 40) == [(50, 0.8), (70, 0.75)]
+    assert remember(recent, 80, 0.7, horizon=0) == []             # off: nothing kept
+    # the trigger at 0.55: the latest reading >= 0.55 + 0.3 is step 30's 0.9
+    assert FALL_DEPTH == pytest.approx(0.3)
+    assert fall_steps(recent, 72, 0.55) == 42
+    assert fall_steps(recent, 72, 0.5) == 22                      # 0.8 >= 0.5 + 0.3: step 50
+    assert fall_steps(recent, 72, 0.65) == -1                     # nothing >= 0.95 kept
+    assert fall_steps(recent, 72, float("nan")) == -1
+    assert fell_suddenly(42, 60) and not fell_suddenly(61, 60) and not fell_suddenly(-1, 60)
+    assert fell_suddenly(-1, 0) and fell_suddenly(500, 0)        # msign_fall=0: any layer
+
+
+def _effective_rank(s: torch.Tensor) -> float:
+    p = s / s.sum()
+    return float(torch.exp(-(p * torch.log(p)).sum()))
+
+
+def _spectrum_with_retention(s0: torch.Tensor, retention: float) -> torch.Tensor:
+    """Singular values ``[s_1, c, ..., c]`` (same largest value as ``s0``) whose effective rank
+    is ``retention`` times ``s0``'s: ``c`` by bisection (the effective rank grows with ``c``)."""
+    target, lo, hi = retention * _effective_rank(s0), 0.0, float(s0[0])
+    for _ in range(60):
+        c = (lo + hi) / 2
+        s = torch.full_like(s0, c)
+        s[0] = s0[0]
+        lo, hi = (c, hi) if _effective_rank(s) < target else (lo, c)
+    return s
+
+
+def _collapse(over: int, msign_fall: int = 60, steps: int = 320) -> dict:
+    """Half the penalized layers' effective-rank retention falls linearly from 1 to 0.2 over
+    ``over`` steps (singular vectors kept); nothing else moves."""
+    model = seeded_model(0, n_layers=1, d=32, seq=16)
+    guard = spectral_guard.instrument(model, ratio=1.0, attention=False, msign_every=5,
+                                      msign_fall=msign_fall)
+    names = [n for n, row in guard.stats()["layers"].items() if row["penalized"]]
+    chosen = names[: len(names) // 2]
+    svd = {n: torch.linalg.svd(guard._by_name[n].weight.detach().double(), full_matrices=False)
+           for n in chosen}
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)   # the guard's clock; weights kept
+    for t in range(1, steps + 1):
+        if guard.stats()["totals"]["msigns"]:
+            break
+        retention = 1.0 - 0.8 * min(1.0, t / over)
+        with torch.no_grad():
+            for n in chosen:
+                U, s0, Vh = svd[n]
+                W = U @ torch.diag(_spectrum_with_retention(s0, retention)) @ Vh
+                guard._by_name[n].weight.copy_(W.float())
+        opt.step()
+    rows = guard.stats()["layers"]
+    return {"msigns": guard.stats()["totals"]["msigns"], "rows": [rows[n] for n in chosen],
+            "lr_scale": guard.metrics()["lr_scale"]}
+
+
+def test_a_sudden_collapse_of_a_quorum_raises_the_alarm_a_slow_one_does_not():
+    sudden = _collapse(over=20)
+    assert sudden["msigns"] > 0 and sudden["lr_scale"] < 1.0
+    assert all(0 <= row["collapse_fall"] <= 60 for row in sudden["rows"])
+    slow = _collapse(over=300)   # 0.3 of retention lost in 112 steps
+    assert all(row["lambda_collapse"] > 0 for row in slow["rows"])   # treated for collapse
+    assert all(row["collapse_fall"] == -1 for row in slow["rows"])   # ... after a slow fall
+    assert slow["msigns"] == 0 and slow["lr_scale"] == 1.0           # no alarm
+    old_rule = _collapse(over=300, msign_fall=0)                     # any treated layer
+    assert old_rule["msigns"] > 0
+
+
+def test_msign_fall_is_checked():
+    with pytest.raises(ValueError, match="msign_fall"):
+        spectral_guard.instrument(seeded_model(0, n_layers=1, d=32, seq=16), msign_fall=-1)
