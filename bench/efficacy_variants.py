@@ -28,6 +28,8 @@ Variants (all start from ``guard_attn``: ``instrument(model, msign_every=0)``, u
 * ``per_quorum``: the defaults with the back-off set by how many quorums of layers are
   treated for collapse at an alarmed sign: ``s <- max(floor, min(s, 0.5 ** k))``,
   ``k = max(1, floor(f / msign_quorum))``, instead of halving at every alarmed sign;
+* ``fall0``: the defaults with ``msign_fall=0`` (the alarm's quorum counts every layer treated
+  for collapse, however slowly it fell: the rule before ``guard/alarm.py``);
 * ``fresh``, ``fresh25``: the defaults with the alarm's quorum counted on fresh readings
   (layers whose check in the last 10 steps, after the last sign, read collapsed) instead of
   layers still treated (``lambda > 0``, which decays over several healthy checks); ``fresh25``
@@ -81,6 +83,7 @@ VARIANTS: dict[str, dict] = {
     "sigma_reparam": {"method": "sigma_reparam"},
     "qk_layernorm": {"method": "qk_layernorm"},
     "per_quorum": {"method": "guard_default", "per_quorum": True},
+    "fall0": {"method": "guard_default", "kw": {"msign_fall": 0}},
     "fresh": {"method": "guard_default", "fresh_alarm": True},
     "fresh25": {"method": "guard_default", "fresh_alarm": True, "kw": {"lr_backoff": 0.25}},
 }

@@ -15,7 +15,8 @@ projections first), slowly. In ``bench/efficacy.py``'s models at the recipe's le
 the layers that reached the collapse trigger took 120 to 290 steps from retention 0.8, and on a
 4-layer model four of 24 got there within 50 steps of each other, which a plain quorum of
 treated layers took for the alarm (one seed of two signed a healthy run at step 220 and ended
-6% worse). At 4x and 16x that learning rate and under the LR shock they fell in 7 to 36 steps
+6% worse; over 1200 steps the 3-layer model's healthy runs were signed on both seeds, +5.5%).
+At 4x and 16x that learning rate and under the LR shock they fell in 7 to 36 steps
 (``bench/alarm_timeline.py``; docs/efficacy.md). ``msign_fall=0`` counts every layer treated
 for collapse, however slowly it fell (the rule before the fall existed).
 
