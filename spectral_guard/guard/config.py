@@ -52,11 +52,11 @@ class GuardConfig:
                       the penalized layers treated for collapse at once, each fallen suddenly
                       (the signature of a too-high learning rate in bench/efficacy.py; 0.10
                       signed a healthy run, 0.25 helped less at the highest LR)
-      msign_fall      a layer counts toward the quorum only if, when its treatment for
-                      collapse began, it had lost 0.3 of effective-rank retention within this
-                      many optimizer steps (7-36 at too-high LRs, 120-290 in healthy runs, in
-                      bench/efficacy.py's 600-step schedule; ``0``: any layer treated for
-                      collapse counts, which signed healthy 1200-step runs)
+      msign_fall      a layer counts toward the quorum only if, at some check of its
+                      treatment for collapse, it had lost 0.3 of effective-rank retention
+                      within this many optimizer steps (7-36 at too-high LRs, 120-290 in
+                      healthy runs, in bench/efficacy.py's 600-step schedule; ``0``: any layer
+                      treated for collapse counts, which signed healthy 1200-step runs)
       msign_alarm     the alarm, second half: an attention pair's latest scale over this
                       factor times its target
       lr_backoff      at each step where the alarm signs layers, the optimizer's step is
