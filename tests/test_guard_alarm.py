@@ -3,6 +3,8 @@ alarm; the same layers collapsing slowly, as healthy training does, do not."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from guard_models import seeded_model
@@ -86,3 +88,15 @@ def test_a_sudden_collapse_of_a_quorum_raises_the_alarm_a_slow_one_does_not():
 def test_msign_fall_is_checked():
     with pytest.raises(ValueError, match="msign_fall"):
         spectral_guard.instrument(seeded_model(0, n_layers=1, d=32, seq=16), msign_fall=-1)
+
+
+def test_a_check_period_longer_than_msign_fall_is_announced():
+    model = seeded_model(0, n_layers=1, d=32, seq=16)
+    with pytest.warns(UserWarning, match="checked every 100 steps"):
+        spectral_guard.instrument(model, ratio=0.01, attention=False).remove()
+    quiet = [{"ratio": 0.01, "msign_fall": 0}, {"ratio": 0.01, "msign_every": 0},
+             {"ratio": 0.01, "msign_fall": 100}, {}]   # {}: the defaults, every 20 steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kw in quiet:
+            spectral_guard.instrument(model, **kw).remove()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -167,6 +168,18 @@ class GuardConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.include is not None:
             object.__setattr__(self, "include", tuple(self.include))
+
+    @property
+    def check_period(self) -> int:
+        """Optimizer steps between two checks of one layer: ``every * ceil(1 / ratio)``."""
+        return self.every * math.ceil(1.0 / self.ratio)
+
+    @property
+    def sees_falls(self) -> bool:
+        """Can the alarm see a layer fall within ``msign_fall`` steps (guard/alarm.py)? Not
+        when a layer is checked less often than that."""
+        return not (self.msign_every and self.msign_gate == "alarm"
+                    and 0 < self.msign_fall < self.check_period)
 
     @property
     def base(self) -> float:

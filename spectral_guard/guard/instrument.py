@@ -98,6 +98,12 @@ class Guard:
     """The handle returned by :func:`instrument`. See ``docs/guard.md`` for the contract."""
 
     def __init__(self, model: nn.Module, config: GuardConfig) -> None:
+        if not config.sees_falls:
+            warnings.warn(f"a layer is checked every {config.check_period} steps (every="
+                          f"{config.every}, ratio={config.ratio}), more than msign_fall="
+                          f"{config.msign_fall}: the alarm cannot see a sudden collapse, so "
+                          "only its attention half can raise it; raise ratio or msign_fall "
+                          "(guard/alarm.py)", stacklevel=3)
         self.model = model
         self.config = config
         self.penalty_scale = 1.0
