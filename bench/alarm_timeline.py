@@ -4,8 +4,8 @@ At the end of every ``msign_every``-step window of a ``guard_default`` run (afte
 step, so after any sign of that step) it prints:
 
 * ``treated``: the fraction of penalized layers treated for collapse (``lambda_collapse > 0``),
-  the quorum half of the alarm (``Guard._alarm``); the thermostat lets ``lambda`` decay over
-  several healthy checks, so this is a latched signal;
+  the quorum half of the alarm before its fall rule (``Guard._collapse_treated``); the
+  thermostat lets ``lambda`` decay over several healthy checks, so this is a latched signal;
 * ``fresh``: the fraction of penalized layers whose latest check fell inside the window and read
   collapsed (``judge(...).triggered["collapse"]``): collapse as it is measured now;
 * ``q25``: the lower quartile over penalized layers of the latest effective-rank retention
@@ -31,29 +31,22 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import efficacy as E  # noqa: E402
-
-from spectral_guard.guard.check import judge  # noqa: E402
+from efficacy_variants import fresh_collapses  # noqa: E402
 
 
 def window_row(guard) -> dict:
     """The alarm's inputs at the end of a window (host values only)."""
-    every = guard.config.msign_every
-    penalized = [layer for layer in guard._layers if layer.sensors]
-    treated = sum(layer.state.treated and layer.state.lambdas["collapse"] > 0
-                  for layer in penalized)
-    fresh = sum(
-        layer.state.last_checked_step > guard.global_step - every
-        and judge(layer.state.readings, layer.sensors, layer.rule, layer.min_dim,
-                  guard.config.collapse_rule).triggered["collapse"]
-        for layer in penalized)
+    treated, penalized = guard._collapse_treated(sudden=False)
+    fresh, _ = fresh_collapses(guard, guard.global_step - guard.config.msign_every)
     attention = guard._attention
     attn = max([st.scale / st.target for st in attention.states] or [0.0]) if attention else 0.0
-    n = max(1, len(penalized))
-    retention = [layer.state.readings.effective_rank_retention for layer in penalized]
+    n = max(1, penalized)
+    retention = [layer.state.readings.effective_rank_retention for layer in guard._layers
+                 if layer.sensors]
     retention = sorted(r for r in retention if r == r)   # latest readings, NaN before any
     low = retention[len(retention) // 4] if retention else float("nan")
-    return {"step": guard.global_step, "treated": treated / n, "fresh": fresh / n, "low": low,
-            "attn": attn, "signs": sum(layer.state.msigns for layer in guard._layers),
+    return {"step": guard.global_step, "treated": len(treated) / n, "fresh": fresh / n,
+            "low": low, "attn": attn, "signs": sum(layer.state.msigns for layer in guard._layers),
             "lr_scale": guard._backoff.scale}
 
 

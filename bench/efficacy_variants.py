@@ -143,32 +143,38 @@ def _per_quorum_backoff(guard) -> None:
     import math
 
     b, quorum = guard._backoff, guard.config.msign_quorum
-    penalized = [layer for layer in guard._layers if layer.sensors]
-    f = sum(layer.state.treated and layer.state.lambdas["collapse"] > 0
-            for layer in penalized) / max(1, len(penalized))
+    treated, penalized = guard._collapse_treated(sudden=False)
+    f = len(treated) / max(1, penalized)
     k = max(1, math.floor(f / quorum + 1e-9))
     scaled = max(b.floor, min(b.scale, b.factor ** k))
     if scaled < b.scale:
         b.scale, b.backoffs = scaled, b.backoffs + 1
 
 
-def _fresh_alarm(guard, seen: dict) -> bool:
-    """``Guard._alarm`` with the quorum counted on the readings taken in the last window and
-    after the last sign (``seen`` remembers when the sign count last changed)."""
+def fresh_collapses(guard, since: int) -> tuple[int, int]:
+    """How many penalized layers were checked after step ``since`` and read collapsed
+    (``judge``'s collapse trigger on their latest readings), and how many are penalized."""
     from spectral_guard.guard.check import judge
 
-    if guard._attention is not None and guard._attention.alarm(guard.config.msign_alarm):
-        return True
-    signs = sum(layer.state.msigns for layer in guard._layers)
-    if signs != seen["signs"]:
-        seen.update(signs=signs, at=guard.global_step)
-    since = max(seen["at"], guard.global_step - guard.config.msign_every)
     penalized = [layer for layer in guard._layers if layer.sensors]
     fresh = sum(layer.state.last_checked_step > since
                 and judge(layer.state.readings, layer.sensors, layer.rule, layer.min_dim,
                           guard.config.collapse_rule).triggered["collapse"]
                 for layer in penalized)
-    return bool(penalized) and fresh >= guard.config.msign_quorum * len(penalized)
+    return fresh, len(penalized)
+
+
+def _fresh_alarm(guard, seen: dict) -> bool:
+    """``Guard._alarm`` with the quorum counted on the readings taken in the last window and
+    after the last sign (``seen`` remembers when the sign count last changed)."""
+    if guard._attention is not None and guard._attention.alarm(guard.config.msign_alarm):
+        return True
+    signs = sum(layer.state.msigns for layer in guard._layers)
+    if signs != seen["signs"]:
+        seen.update(signs=signs, at=guard.global_step)
+    fresh, penalized = fresh_collapses(
+        guard, max(seen["at"], guard.global_step - guard.config.msign_every))
+    return penalized > 0 and fresh >= guard.config.msign_quorum * penalized
 
 
 def _lr_hook(guard, factor: float, floor: float) -> None:

@@ -10,7 +10,13 @@ import torch
 from guard_models import seeded_model
 
 import spectral_guard
-from spectral_guard.guard.alarm import FALL_DEPTH, fall_steps, fell_suddenly, remember
+from spectral_guard.guard.alarm import (
+    FALL_DEPTH,
+    fall_steps,
+    fell_suddenly,
+    remember,
+    update_fall,
+)
 
 
 def test_remember_keeps_the_horizon_and_fall_steps_finds_the_latest_higher_reading():
@@ -28,6 +34,16 @@ def test_remember_keeps_the_horizon_and_fall_steps_finds_the_latest_higher_readi
     assert fall_steps(recent, 72, float("nan")) == -1
     assert fell_suddenly(42, 60) and not fell_suddenly(61, 60) and not fell_suddenly(-1, 60)
     assert fell_suddenly(-1, 0) and fell_suddenly(500, 0)        # msign_fall=0: any layer
+    # a treatment: the fall is looked for until found, kept, and forgotten when it ends
+    recent, fall = [(0, 1.0)], -1
+    recent, fall = update_fall(recent, fall, 10, 0.75, True, 60)   # 1.0 >= 1.05? no
+    assert fall == -1 and recent == [(0, 1.0), (10, 0.75)]
+    recent, fall = update_fall(recent, fall, 20, 0.6, True, 60)    # 1.0 >= 0.9 at step 0
+    assert fall == 20
+    recent, fall = update_fall(recent, fall, 30, 0.2, True, 60)    # found: kept as it was
+    assert fall == 20
+    recent, fall = update_fall(recent, fall, 40, 0.9, False, 60)   # treatment over
+    assert fall == -1 and recent[-1] == (40, 0.9)
 
 
 def _effective_rank(s: torch.Tensor) -> float:

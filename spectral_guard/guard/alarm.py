@@ -61,6 +61,18 @@ def fall_steps(recent: list[Reading], step: int, retention: float) -> int:
     return step - max(above) if above else -1
 
 
+def update_fall(recent: list[Reading], fall: int, step: int, retention: float,
+                collapsing: bool, horizon: int) -> tuple[list[Reading], int]:
+    """One check's update of a layer's ``(recent readings, fall)`` (pure): the fall is looked
+    for at each check of a treatment for collapse until found, and forgotten when the treatment
+    ends (``-1``)."""
+    if not collapsing:
+        fall = -1
+    elif fall < 0:
+        fall = fall_steps(recent, step, retention)
+    return remember(recent, step, retention, horizon), fall
+
+
 def fell_suddenly(fall: int, limit: int) -> bool:
     """Does a fall of ``fall`` steps count toward the quorum (``limit == 0``: any layer)?"""
     return limit == 0 or 0 <= fall <= limit

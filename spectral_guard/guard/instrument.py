@@ -39,7 +39,7 @@ from torch.optim.optimizer import (
 from ..estimators import biopsy_indices, name_seed, no_autocast
 from ..thresholds import Rule
 from . import hooks, sharded
-from .alarm import fall_steps, fell_suddenly, remember
+from .alarm import fell_suddenly, remember, update_fall
 from .attention import AttentionGuard
 from .backoff import LRBackoff
 from .check import (
@@ -274,13 +274,9 @@ class Guard:
             self._record(layer, step, verdict.fired)
             return
         st.lambdas = update_lambdas(st.lambdas, verdict, self._law)
-        retention = st.readings.effective_rank_retention
-        if st.lambdas["collapse"] <= 0:
-            st.collapse_fall = -1
-        elif st.collapse_fall < 0:   # treated for collapse: has it fallen suddenly yet?
-            st.collapse_fall = fall_steps(st.recent_retention, step, retention)
-        st.recent_retention = remember(st.recent_retention, step, retention,
-                                       self.config.msign_fall)
+        st.recent_retention, st.collapse_fall = update_fall(
+            st.recent_retention, st.collapse_fall, step, st.readings.effective_rank_retention,
+            st.lambdas["collapse"] > 0, self.config.msign_fall)
         st.interventions += int(verdict.fired)
         if self.config.actuator == "msign" and verdict.triggered["collapse"]:
             self._msign_due.append(layer)
@@ -359,11 +355,18 @@ class Guard:
         config = self.config
         if self._attention is not None and self._attention.alarm(config.msign_alarm):
             return True
+        collapsing, penalized = self._collapse_treated(sudden=True)
+        return penalized > 0 and len(collapsing) >= config.msign_quorum * penalized
+
+    def _collapse_treated(self, sudden: bool) -> tuple[list[GuardedLayer], int]:
+        """The penalized layers treated for collapse (only those fallen within ``msign_fall``
+        steps with ``sudden``), and how many layers are penalized."""
         penalized = [layer for layer in self._layers if layer.sensors]
-        collapsing = sum(layer.state.treated and layer.state.lambdas["collapse"] > 0
-                         and fell_suddenly(layer.state.collapse_fall, config.msign_fall)
-                         for layer in penalized)
-        return bool(penalized) and collapsing >= config.msign_quorum * len(penalized)
+        treated = [layer for layer in penalized
+                   if layer.state.treated and layer.state.lambdas["collapse"] > 0
+                   and (not sudden
+                        or fell_suddenly(layer.state.collapse_fall, self.config.msign_fall))]
+        return treated, len(penalized)
 
     # ------------------------------------------------------------------------------------------
     # Penalty
