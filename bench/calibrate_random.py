@@ -23,12 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import spectral_guard
-from spectral_guard.calibrate import (
-    MP_EDGE_MAX,
-    MP_ERANK_MIN,
-    mp_statistics,
-    random_check,
-)
+from spectral_guard.calibrate import mp_statistics, random_check
+from spectral_guard.random_init import MP_EDGE_MAX, MP_ERANK_MIN
 from spectral_guard.thresholds import role_group
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,14 +16,14 @@ hence ``sigma_max(W_q,h^T W_k,h) = sigma_max(R_q R_k^T)``: a QR of two ``n x d_h
 the SVD of a ``d_h x d_h`` core per head, in float64, never the ``n x n`` product.
 
 Pairing on a checkpoint's tensor names uses the attention guard's patterns
-(:data:`~spectral_guard.guard.attention.SEPARATE_PATTERNS`,
-:data:`~spectral_guard.guard.attention.FUSED_PATTERNS`, plus ``nn.MultiheadAttention``'s
+(:data:`~spectral_guard.attention_pairs.SEPARATE_PATTERNS`,
+:data:`~spectral_guard.attention_pairs.FUSED_PATTERNS`, plus ``nn.MultiheadAttention``'s
 ``in_proj_weight``). A fused projection stored ``in x out`` (GPT-2's ``Conv1D``: fewer rows
 than columns) is read transposed. The head count comes from ``heads=`` or from a
 ``config.json`` next to the checkpoint (``num_attention_heads``, ``n_head``, T5's
 ``num_heads``; key heads from ``num_key_value_heads``, else from the key projection's size);
 without one the pass is skipped with a note. A live model is paired by
-:func:`~spectral_guard.guard.attention.find_pairs` (its modules' head attributes).
+:func:`~spectral_guard.attention_pairs.find_pairs` (its modules' head attributes).
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-from .guard.attention import (
+from .attention_pairs import (
     FUSED_PATTERNS,
     SEPARATE_PATTERNS,
-    _fused_indices,
-    _geometry,
     find_pairs,
+    fused_indices,
+    head_geometry,
 )
 from .inmemory import original_name, unwrap_module
 
@@ -162,7 +162,7 @@ def geometry(cand: tuple[str, str, str, str], shapes: Mapping[str, tuple[int, ..
     if layout == "separate":
         if qs[1] != ks[1]:
             raise ValueError(f"query and key read different widths ({qs[1]} vs {ks[1]})")
-        n_h, n_kv, d_h = _geometry(qs[0], ks[0], qs[1], [], heads)
+        n_h, n_kv, d_h = head_geometry(qs[0], ks[0], qs[1], [], heads)
         if kv_heads is not None and kv_heads != n_kv:
             raise ValueError(f"{n_kv} key heads in the weights, {kv_heads} in config.json")
         return NamedPair(name, q_name, k_name, torch.arange(qs[0]), torch.arange(ks[0]),
@@ -175,7 +175,7 @@ def geometry(cand: tuple[str, str, str, str], shapes: Mapping[str, tuple[int, ..
     if heads % n_kv or out % (heads + 2 * n_kv):
         raise ValueError(f"{out} fused rows do not split into q, k, v of {heads}/{n_kv} heads")
     d_h = out // (heads + 2 * n_kv)
-    qi, ki = _fused_indices(out, heads, n_kv, d_h, layout)
+    qi, ki = fused_indices(out, heads, n_kv, d_h, layout)
     return NamedPair(name, q_name, k_name, qi, ki, transposed, heads, n_kv, d_h, n)
 
 

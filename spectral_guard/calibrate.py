@@ -51,13 +51,21 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import __version__
+from .random_init import (
+    MP_EDGE_MAX,
+    MP_ERANK_MIN,
+    MP_MIN_SIDE,
+    RANDOM_FRACTION,
+    is_mp_like,
+    mp_quantiles,
+    mp_spectrum_statistics,
+)
 from .thresholds import (
     ROLE_GROUPS,
     Group,
@@ -263,69 +271,7 @@ def _clamp_to_start(item: Learned, kind: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Random weights (Marchenko-Pastur)
-
-MP_EDGE_MAX = 1.08
-"""A matrix is MP-like when its top-edge statistic ``e`` is at most this (random: <= 1.014)."""
-MP_ERANK_MIN = 0.96
-"""... and its effective rank is at least this fraction of the MP spectrum's (random >= 0.989)."""
-MP_MIN_SIDE = 16
-"""Matrices with a measured side shorter than this are not judged (too few eigenvalues)."""
-RANDOM_FRACTION = 0.5
-"""A reference set looks random when more than this fraction of judged matrices is MP-like."""
-
-
-@lru_cache(maxsize=256)
-def mp_quantiles(p: int, q: int, grid: int = 4097) -> tuple[float, ...]:
-    """The ``p`` midpoint quantiles ``F^-1((i - 1/2) / p)`` of the Marchenko-Pastur law with
-    ratio ``y = p / q`` (variance 1), ascending.
-
-    Density ``f(x) = sqrt((b - x)(x - a)) / (2 pi y x)`` on ``[a, b] = [(1 - sqrt y)^2,
-    (1 + sqrt y)^2]``. The CDF is integrated in ``x = a + (b - a)(1 - cos t) / 2``, where the
-    integrand ``((b - a)/2)^2 sin^2 t / (2 pi y x)`` is smooth (trapezoid rule on ``grid``
-    points), then inverted by linear interpolation.
-    """
-    y = p / q
-    a, b = (1 - math.sqrt(y)) ** 2, (1 + math.sqrt(y)) ** 2
-    t = torch.linspace(0, math.pi, grid, dtype=torch.float64)
-    x = a + (b - a) * (1 - torch.cos(t)) / 2
-    half = (b - a) / 2
-    with torch.no_grad():
-        w = half**2 * torch.sin(t) ** 2 / (2 * math.pi * y * x.clamp_min(1e-300))
-        if a == 0.0:  # y = 1: sin^2 t / x -> 4 / (b - a) as t -> 0
-            w[0] = half**2 * (4 / (b - a)) / (2 * math.pi * y)
-        steps = (w[1:] + w[:-1]) / 2 * (t[1] - t[0])
-        cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(steps, 0)])
-        cdf = cdf / cdf[-1]
-        u = (torch.arange(p, dtype=torch.float64) + 0.5) / p
-        idx = torch.searchsorted(cdf, u).clamp(1, grid - 1)
-        c0, c1 = cdf[idx - 1], cdf[idx]
-        out = x[idx - 1] + (u - c0) / (c1 - c0).clamp_min(1e-300) * (x[idx] - x[idx - 1])
-    return tuple(float(v) for v in out)
-
-
-@lru_cache(maxsize=256)
-def mp_effective_rank(p: int, q: int) -> float:
-    """Roy-Vetterli effective rank of the MP singular values ``sqrt(quantiles)`` (scale-free)."""
-    s = torch.tensor(mp_quantiles(p, q), dtype=torch.float64).sqrt()
-    prob = s / s.sum()
-    return float(torch.exp(-(prob * torch.log(prob)).sum()))
-
-
-def mp_spectrum_statistics(top_over_frobenius: float, effective_rank: float,
-                           shape: tuple[int, int]) -> tuple[float, float] | None:
-    """``(e, r)`` (module docstring) from ``sigma_max / ||W||_F``, the effective rank and the
-    measured shape, or ``None`` when not judged (a side under ``MP_MIN_SIDE``)."""
-    p, q = sorted(int(d) for d in shape)
-    if p < MP_MIN_SIDE:
-        return None
-    edge = top_over_frobenius * math.sqrt(p) / (1 + math.sqrt(p / q))
-    return edge, effective_rank / mp_effective_rank(p, q)
-
-
-def is_mp_like(edge: float, erank_ratio: float) -> bool:
-    """Both statistics within the bounds of a random matrix."""
-    return edge <= MP_EDGE_MAX and erank_ratio >= MP_ERANK_MIN
+# Random weights (Marchenko-Pastur: spectral_guard.random_init)
 
 
 def mp_statistics(m: MatrixResult) -> tuple[float, float] | None:
@@ -790,7 +736,8 @@ def auto_calibrate(model: nn.Module, thresholds: Thresholds | str | Path | None 
     docstring) gets a :class:`RandomWeightsWarning`, and the shipped default thresholds instead
     of thresholds learned from noise unless ``allow_random=True``. A model on the meta device
     cannot be measured: shipped defaults, with a warning. ``overrides`` replace any GuardConfig
-    field (e.g. ``ratio=0.2``). Render it with :func:`render_config`.
+    field (e.g. ``ratio=0.2``). Render it with
+    :func:`spectral_guard.guard.config.render_config`.
     """
     from .guard.config import DEFAULT_LAMBDA_BASE, GuardConfig
 
@@ -924,38 +871,8 @@ def calibration_text(cal: Calibration, out: str | Path | None) -> str:
     return text + "."
 
 
-def render_config(config: GuardConfig):  # -> rich.table.Table
-    """A GuardConfig as a two-column rich table (field, value), thresholds summarized."""
-    from rich.table import Table
-
-    table = Table(title="GuardConfig", header_style="bold", show_header=True)
-    table.add_column("field")
-    table.add_column("value")
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if f.name == "thresholds":
-            table.add_row(f.name, _describe_thresholds(value))
-        elif f.name == "lambda_base" and value is None:
-            table.add_row(f.name, f"None ({config.base:g}, the {config.actuator} default)")
-        else:
-            table.add_row(f.name, repr(value) if isinstance(value, str) else str(value))
-    return table
-
-
-def _describe_thresholds(value: Thresholds | str | Path | None) -> str:
-    if value is None:
-        return "shipped defaults"
-    if not isinstance(value, Thresholds):
-        return str(value)
-    auto = value.provenance.get("auto_calibrate", {})
-    parts = [str(auto.get("thresholds") or value.provenance.get("source", "object"))]
-    if auto:
-        parts.append(f"tier {auto.get('tier')} ({auto.get('parameters'):,} parameters)")
-    return "; ".join(parts)
-
-
 __all__ = [
     "TIERS", "Calibration", "CalibrationRule", "CalibrationWarning", "RandomWeightsWarning",
     "auto_calibrate", "build_thresholds", "calibrate", "calibration_table", "mp_quantiles",
-    "percentile", "random_check", "render_config", "tier_for",
+    "percentile", "random_check", "tier_for",
 ]

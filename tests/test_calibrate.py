@@ -18,18 +18,15 @@ from safetensors.torch import save_file
 
 import spectral_guard
 from spectral_guard.calibrate import (
-    MP_EDGE_MAX,
-    MP_ERANK_MIN,
     CalibrationRule,
     calibrate,
     learn_retention,
-    mp_effective_rank,
-    mp_quantiles,
     mp_statistics,
     percentile,
     random_check,
     rejudge,
 )
+from spectral_guard.random_init import MP_EDGE_MAX, MP_ERANK_MIN, mp_effective_rank, mp_quantiles
 from spectral_guard.sensors import effective_rank_from_sv
 from spectral_guard.thresholds import (
     SCHEMA_VERSION,

@@ -21,10 +21,9 @@ from spectral_guard.calibrate import (
     RandomWeightsWarning,
     count_parameters,
     measure_model,
-    render_config,
     tier_for,
 )
-from spectral_guard.guard.config import GuardConfig
+from spectral_guard.guard.config import GuardConfig, render_config
 from spectral_guard.thresholds import default_thresholds
 
 # (width, layers) of a stack of square nn.Linear layers: ~50M, ~201M, ~1.07B, ~3.2B parameters

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from guard_models import byte_batches, seeded_model, synthetic_text
 
+from spectral_guard.attention_pairs import find_pairs
 from spectral_guard.guard.attention import (
     AttentionGuard,
-    find_pairs,
     head_scales,
     hinge,
     power_step,

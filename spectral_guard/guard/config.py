@@ -202,9 +202,7 @@ class GuardConfig:
 
     def __rich__(self) -> object:
         """``rich.print(config)`` draws it as a table
-        (:func:`spectral_guard.calibrate.render_config`)."""
-        from ..calibrate import render_config
-
+        (:func:`render_config`)."""
         return render_config(self)
 
     @classmethod
@@ -221,3 +219,32 @@ class GuardConfig:
             raise TypeError(f"config must be a GuardConfig or a thresholds path, got {config!r}")
         return base.with_overrides(**overrides) if overrides else base
 
+
+def render_config(config: GuardConfig):  # -> rich.table.Table
+    """A GuardConfig as a two-column rich table (field, value), thresholds summarized."""
+    from rich.table import Table
+
+    table = Table(title="GuardConfig", header_style="bold", show_header=True)
+    table.add_column("field")
+    table.add_column("value")
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name == "thresholds":
+            table.add_row(f.name, _describe_thresholds(value))
+        elif f.name == "lambda_base" and value is None:
+            table.add_row(f.name, f"None ({config.base:g}, the {config.actuator} default)")
+        else:
+            table.add_row(f.name, repr(value) if isinstance(value, str) else str(value))
+    return table
+
+
+def _describe_thresholds(value: Thresholds | str | Path | None) -> str:
+    if value is None:
+        return "shipped defaults"
+    if not isinstance(value, Thresholds):
+        return str(value)
+    auto = value.provenance.get("auto_calibrate", {})
+    parts = [str(auto.get("thresholds") or value.provenance.get("source", "object"))]
+    if auto:
+        parts.append(f"tier {auto.get('tier')} ({auto.get('parameters'):,} parameters)")
+    return "; ".join(parts)

@@ -43,6 +43,8 @@ import math
 
 import torch
 
+from ..random_init import is_mp_like, mp_spectrum_statistics
+
 Tensor = torch.Tensor
 
 RANK_RTOL = 1e-6
@@ -58,7 +60,7 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 def looks_random_init(stable_rank: float, effective_rank: float, shape: tuple[int, int]) -> bool:
     """Whether a matrix's spectrum is that of i.i.d. noise (a fresh initialization).
 
-    The Marchenko-Pastur test of :mod:`spectral_guard.calibrate`, from the two readings the
+    The Marchenko-Pastur test of :mod:`spectral_guard.random_init`, from the two readings the
     guard takes anyway: with ``p <= q`` the sides and ``y = p / q``, the top-edge statistic
     ``e = sqrt(p / SR) / (1 + sqrt y)`` (``SR = ||W||_F^2 / sigma_max^2``; 1 at the MP edge) is
     at most ``MP_EDGE_MAX`` and ``erank / erank(MP_{p,q})`` at least ``MP_ERANK_MIN``. A side
@@ -72,8 +74,6 @@ def looks_random_init(stable_rank: float, effective_rank: float, shape: tuple[in
     Returns:
         ``True`` when both statistics are those of a random matrix.
     """
-    from ..calibrate import is_mp_like, mp_spectrum_statistics
-
     if not stable_rank > 0 or not effective_rank > 0:
         return False
     stats = mp_spectrum_statistics(1 / math.sqrt(stable_rank), effective_rank, shape)
