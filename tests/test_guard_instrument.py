@@ -414,7 +414,7 @@ def test_resume_is_bit_for_bit():
         assert torch.equal(v, second.state_dict()[k]), k
     s_ref, s2 = g_ref.state_dict(), g2.state_dict()
     assert s_ref["step"] == s2["step"] == 8
-    assert json.dumps(s_ref["layers"] | {}, default=str) is not None
+    assert s_ref["layers"] and set(s2["layers"]) == set(s_ref["layers"])  # same layers, both ways
     for name, saved in s_ref["layers"].items():
         assert saved["state"] == s2["layers"][name]["state"] or _same_nan(
             saved["state"], s2["layers"][name]["state"]), name
