@@ -43,7 +43,7 @@ from .attention_pairs import (
     fused_indices,
     head_geometry,
 )
-from .inmemory import original_name, unwrap_module
+from .checkpoint.inmemory import original_name, unwrap_module
 
 Tensor = torch.Tensor
 

@@ -55,6 +55,7 @@ from .checkpoint import (
     natural_key,
     open_checkpoint,
 )
+from .checkpoint.inmemory import open_in_memory
 from .estimators import (
     batched_singular_values,
     biopsy_indices,
@@ -64,7 +65,6 @@ from .estimators import (
     spectral_metrics,
     spectral_metrics_batched,
 )
-from .inmemory import open_in_memory
 from .sensors import (
     SpectralMetrics,
     as_compute_tensor,

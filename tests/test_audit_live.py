@@ -19,8 +19,8 @@ from torch.nn.utils import parametrize
 import spectral_guard
 from spectral_guard.auditing import accelerator_metrics, audit
 from spectral_guard.checkpoint import CheckpointError
+from spectral_guard.checkpoint.inmemory import original_name
 from spectral_guard.estimators import spectral_metrics
-from spectral_guard.inmemory import original_name
 
 METRICS = ("stable_rank", "stable_rank_ratio", "condition_number", "sigma_max", "sigma_min",
            "effective_rank", "effective_rank_ratio", "alpha")

@@ -17,7 +17,7 @@ from test_cli_audit import assert_input_error, run
 
 from spectral_guard.auditing import audit
 from spectral_guard.checkpoint import CheckpointError, TensorStream, open_checkpoint
-from spectral_guard.torchfile import load_torch_file
+from spectral_guard.checkpoint.torchfile import load_torch_file
 
 
 def one_line_exit_2(result, needle: str) -> str:

@@ -1,4 +1,5 @@
-"""checkpoint.py: header validation of hand-written files, index files, folders, row streaming."""
+"""spectral_guard.checkpoint: header validation of hand-written files, index files, folders,
+row streaming."""
 
 from __future__ import annotations
 

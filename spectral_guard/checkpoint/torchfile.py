@@ -15,7 +15,7 @@ directory present, entries stored uncompressed and inside the file, a ``data.pkl
 truncated or corrupt archive gets a precise one-line error. Legacy (non-zip) pickles cannot be
 memory-mapped and are refused. The state_dict is then found in the loaded object: the object
 itself when it maps names to tensors, else under one of
-:data:`~spectral_guard.inmemory.WRAPPER_KEYS` (Lightning's ``state_dict``, ``model``,
+:data:`~.inmemory.WRAPPER_KEYS` (Lightning's ``state_dict``, ``model``,
 ``module``, ...), one or two levels down.
 """
 
@@ -28,19 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    LEGACY_PICKLE,
-    CheckpointError,
-    TensorCollection,
-    is_pickle,
-    is_zip,
-    require_file,
-)
 from .inmemory import find_state_dict, tensor_entries
-
-
-def _fail(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path}: {what}")
+from .sniff import LEGACY_PICKLE, is_pickle, is_zip
+from .types import CheckpointError, TensorCollection, fail, require_file
 
 
 def _one_line(text: str, limit: int = 240) -> str:
@@ -58,16 +48,16 @@ def check_zip(path: Path, size: int) -> None:
     except MemoryError:
         raise
     except Exception as exc:  # BadZipFile, but also UnicodeDecodeError, struct.error, ...
-        raise _fail(path, f"truncated or corrupt zip archive ({_one_line(str(exc))}); "
+        raise fail(path, f"truncated or corrupt zip archive ({_one_line(str(exc))}); "
                     "was the file copied completely?") from None
     if not any(i.filename.endswith("data.pkl") for i in infos):
-        raise _fail(path, "a zip archive without data.pkl: not a torch.save checkpoint")
+        raise fail(path, "a zip archive without data.pkl: not a torch.save checkpoint")
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED:
-            raise _fail(path, f"zip entry {info.filename!r} is compressed: torch.save archives "
+            raise fail(path, f"zip entry {info.filename!r} is compressed: torch.save archives "
                         "store tensors uncompressed (was the file re-zipped?)")
         if info.header_offset + info.compress_size > size:
-            raise _fail(path, f"truncated: zip entry {info.filename!r} ends past the end of the "
+            raise fail(path, f"truncated: zip entry {info.filename!r} ends past the end of the "
                         f"file ({size} bytes)")
 
 
@@ -80,7 +70,7 @@ def _refusal(path: Path, exc: Exception) -> CheckpointError:
         after = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler" in text \
             else text
         what = _one_line(after.split(". ")[0], 160)
-    return _fail(path, f"refused: a weights-only load does not allow what this file holds "
+    return fail(path, f"refused: a weights-only load does not allow what this file holds "
                  f"({what}); only tensors and plain containers are read, since unpickling "
                  "other objects can run arbitrary code, and there is no option to bypass this")
 
@@ -94,13 +84,13 @@ def _load(path: Path) -> object:
         raise
     except Exception as exc:  # a corrupt pickle can fail in many ways: all are input errors
         first = _one_line(str(exc).split(". ")[0]) or type(exc).__name__
-        raise _fail(path, f"cannot load the PyTorch checkpoint: {first}") from None
+        raise fail(path, f"cannot load the PyTorch checkpoint: {first}") from None
 
 
 def load_torch_file(path: str | Path) -> TensorCollection:
     """Validate and load one PyTorch zip checkpoint (weights-only, memory-mapped).
 
-    Raises :class:`~spectral_guard.checkpoint.CheckpointError` (one line) for a missing,
+    Raises :class:`~.types.CheckpointError` (one line) for a missing,
     legacy, truncated, corrupt or refused file, and for a file without a state_dict.
     """
     path = Path(path)
@@ -110,12 +100,12 @@ def load_torch_file(path: str | Path) -> TensorCollection:
         with path.open("rb") as fh:
             head = fh.read(8)
     except OSError as exc:
-        raise _fail(path, f"cannot read: {exc.strerror or exc}") from None
+        raise fail(path, f"cannot read: {exc.strerror or exc}") from None
     if is_pickle(head):
-        raise _fail(path, LEGACY_PICKLE)
+        raise fail(path, LEGACY_PICKLE)
     if not is_zip(head):
         what = "an empty file" if size == 0 else f"first bytes {head[:4]!r}"
-        raise _fail(path, f"not a PyTorch zip checkpoint ({what})")
+        raise fail(path, f"not a PyTorch zip checkpoint ({what})")
     check_zip(path, size)
     state, key = find_state_dict(_load(path), path)
     entries = tensor_entries(state, path, mapped=True)

@@ -1,7 +1,7 @@
 """Models and state_dicts already in memory as audit sources.
 
 :func:`open_in_memory` turns an ``nn.Module`` (its ``named_parameters``) or a mapping of names
-to tensors into a :class:`~spectral_guard.checkpoint.Checkpoint` whose entries carry a ``load``
+to tensors into a :class:`~.types.Checkpoint` whose entries carry a ``load``
 function, so :func:`spectral_guard.audit` streams them exactly as it streams a file:
 
 * **Tied weights once.** Entries that are the same tensor (same storage, offset, shape and
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
+from .types import (
     TORCH_TO_DTYPE,
     Checkpoint,
     CheckpointError,
