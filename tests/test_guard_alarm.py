@@ -46,20 +46,24 @@ def test_remember_keeps_the_horizon_and_fall_steps_finds_the_latest_higher_readi
     assert fall == -1 and recent[-1] == (40, 0.9)
 
 
-def _effective_rank(s: torch.Tensor) -> float:
-    p = s / s.sum()
-    return float(torch.exp(-(p * torch.log(p)).sum()))
+def _effective_rank(s: torch.Tensor) -> torch.Tensor:
+    """Roy-Vetterli effective rank of each row of singular values."""
+    p = s / s.sum(-1, keepdim=True)
+    return torch.exp(-(p * torch.log(p)).sum(-1))
 
 
-def _spectrum_with_retention(s0: torch.Tensor, retention: float) -> torch.Tensor:
-    """Singular values ``[s_1, c, ..., c]`` (same largest value as ``s0``) whose effective rank
-    is ``retention`` times ``s0``'s: ``c`` by bisection (the effective rank grows with ``c``)."""
-    target, lo, hi = retention * _effective_rank(s0), 0.0, float(s0[0])
+def _spectra_with_retention(s0: torch.Tensor, retention: torch.Tensor) -> torch.Tensor:
+    """One row of singular values ``[s_1, c, ..., c]`` per entry of ``retention`` (same largest
+    value as ``s0``) whose effective rank is that retention times ``s0``'s: each ``c`` by
+    bisection (the effective rank grows with ``c``), all rows at once."""
+    target = retention * _effective_rank(s0)
+    lo, hi = torch.zeros_like(retention), torch.full_like(retention, float(s0[0]))
     for _ in range(60):
         c = (lo + hi) / 2
-        s = torch.full_like(s0, c)
-        s[0] = s0[0]
-        lo, hi = (c, hi) if _effective_rank(s) < target else (lo, c)
+        s = c[:, None].expand(-1, s0.numel()).clone()
+        s[:, 0] = s0[0]
+        below = _effective_rank(s) < target
+        lo, hi = torch.where(below, c, lo), torch.where(below, hi, c)
     return s
 
 
@@ -71,18 +75,21 @@ def _collapse(over: int, msign_fall: int = 60, steps: int = 320) -> dict:
                                       msign_fall=msign_fall)
     names = [n for n, row in guard.stats()["layers"].items() if row["penalized"]]
     chosen = names[: len(names) // 2]
-    svd = {n: torch.linalg.svd(guard._by_name[n].weight.detach().double(), full_matrices=False)
-           for n in chosen}
+    modules = dict(model.named_modules())
+    weights = {n: modules[n].parametrizations.weight.original for n in chosen}
+    t = torch.arange(1, steps + 1, dtype=torch.float64)
+    retention = 1.0 - 0.8 * (t / over).clamp(max=1.0)     # the schedule, step t at row t - 1
+    targets = {}
+    for n in chosen:   # every step's weight, computed before training
+        U, s0, Vh = torch.linalg.svd(weights[n].detach().double(), full_matrices=False)
+        targets[n] = ((U * _spectra_with_retention(s0, retention)[:, None, :]) @ Vh).float()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)   # the guard's clock; weights kept
-    for t in range(1, steps + 1):
+    for i in range(steps):
         if guard.stats()["totals"]["msigns"]:
             break
-        retention = 1.0 - 0.8 * min(1.0, t / over)
         with torch.no_grad():
             for n in chosen:
-                U, s0, Vh = svd[n]
-                W = U @ torch.diag(_spectrum_with_retention(s0, retention)) @ Vh
-                guard._by_name[n].weight.copy_(W.float())
+                weights[n].copy_(targets[n][i])
         opt.step()
     rows = guard.stats()["layers"]
     return {"msigns": guard.stats()["totals"]["msigns"], "rows": [rows[n] for n in chosen],
