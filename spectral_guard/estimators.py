@@ -284,7 +284,7 @@ def sigma_min_power(W: Tensor, sigma_max: float, state: Tensor | None = None,
 
 
 def spectral_metrics(W: Tensor, mode: Mode = "exact", limit: int = 512, seed: int = 0,
-                     dtype: torch.dtype | None = None, alpha: bool = True,
+                     dtype: torch.dtype | None = None, alpha: bool | str = True,
                      keep_aspect: bool = False) -> SpectralMetrics:
     """All SVD-based sensors of one matrix by the chosen path.
 
@@ -292,7 +292,9 @@ def spectral_metrics(W: Tensor, mode: Mode = "exact", limit: int = 512, seed: in
     ``<= limit x limit`` submatrix (ratios are relative to the submatrix's ``min(r, c)``;
     ``keep_aspect``: see :func:`biopsy_shape`).
     A non-finite matrix returns all-``nan`` metrics (count the entries with
-    :func:`spectral_guard.sensors.count_nonfinite`).
+    :func:`spectral_guard.sensors.count_nonfinite`). ``alpha``: ``True`` (or ``"csn"``) the
+    power-law fit WeightWatcher reports, ``"hill_median"`` the faster median-xmin estimator,
+    ``False`` none (see :func:`~spectral_guard.sensors.metrics_from_singular_values`).
     """
     if W.dim() != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
@@ -318,7 +320,7 @@ def batched_singular_values(stack: Tensor, dtype: torch.dtype | None = None) -> 
 def spectral_metrics_batched(stack: Tensor | list[Tensor], mode: Mode = "exact",
                              limit: int = 512, seed: int = 0,
                              dtype: torch.dtype | None = None,
-                             alpha: bool = True,
+                             alpha: bool | str = True,
                              keep_aspect: bool = False) -> list[SpectralMetrics]:
     """:func:`spectral_metrics` for many same-shape matrices with one batched SVD.
 

@@ -13,8 +13,10 @@ Notation: ``W`` is ``m x n``, ``k = min(m, n)``, ``s_1 >= ... >= s_k >= 0`` its 
 * stable-rank ratio  ``SR / k``                            (ASSR paper, section 3.1)
 * condition number   ``kappa = s_1 / s_k``, ``inf`` when ``s_k`` is below the rank tolerance
 * effective rank     ``exp(H(p))``, ``p_i = s_i / sum s_j`` (Roy & Vetterli 2007)
-* alpha              power-law exponent of the ESD (eigenvalues ``s_i^2`` of ``W^T W``),
-                     MLE with the median ``xmin`` rule (TempBalance)
+* alpha              power-law exponent of the ESD (eigenvalues ``s_i^2`` of ``W^T W``):
+                     MLE with ``xmin`` by minimum KS distance (Clauset, Shalizi & Newman
+                     2009), as WeightWatcher computes it (:func:`powerlaw_fit`); the median
+                     ``xmin`` Hill estimator (TempBalance) only on request
 * Fiedler value      second-smallest eigenvalue of the normalized Laplacian of the row graph
                      with weights ``|cos(w_i, w_j)|`` (ASSR README), see :func:`fiedler_value`
 
@@ -170,15 +172,155 @@ def effective_rank_ratio(W: Tensor, dtype: torch.dtype | None = None) -> float:
 # ----------------------------------------------------------------------------------------------
 # Heavy-tailed self-regularization exponent
 
+WW_EVALS_THRESH = 1e-5
+"""WeightWatcher's floor on ESD eigenvalues: it fits only ``lambda > 1e-5``, an absolute value
+(so its alpha of ``c W`` changes when ``c`` pushes eigenvalues under it, and a matrix whose
+squared singular values all sit below it has none). :func:`powerlaw_fit` applies it only on
+request (``evals_thresh=WW_EVALS_THRESH``); by default alpha is scale-free and numerically zero
+eigenvalues are left out by the relative :func:`rank_rtol` rule instead."""
+
+SMALL_N = 20
+"""Below this many eigenvalues WeightWatcher 0.7.7 switches to its small-sample fit
+(:func:`_small_n_fit`); at or above it, the Clauset-Shalizi-Newman fit."""
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """Result of :func:`powerlaw_fit`: exponent, chosen ``xmin``, its KS distance ``D``, the
+    number of eigenvalues ``>= xmin`` (``n_tail``) and the number fitted (``n``)."""
+
+    alpha: float
+    xmin: float
+    D: float
+    n_tail: int
+    n: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _no_fit(n: int) -> PowerLawFit:
+    return PowerLawFit(math.nan, math.nan, math.nan, 0, n)
+
+
+def _ks_distances(L: Tensor, alpha: Tensor, chunk_elements: int) -> Tensor:
+    """``D_i = max_{j >= i} |1 - (x_j / x_i)^(1 - alpha_i) - (j - i) / n_i|`` for every
+    candidate ``i < N - 1`` of the ascending log-eigenvalues ``L`` (``n_i = N - i``): the
+    one-sided KS distance of WeightWatcher's fit, ``1`` where ``alpha_i <= 1``.
+
+    Exact and vectorized. Up to ``N = 256`` one ``(N - 1) x N`` block; above, blocks of about
+    ``N / 8`` rows along the diagonal (at most ``chunk_elements`` entries), each ``(c, N - i0)``
+    wide, so the work is about ``0.56 N^2`` exponentials. Entries ``j < i`` are neutralized
+    instead of masked: the exponent is clamped to ``[-40, 0]`` (``exp(-40) < eps / 2``, so
+    ``1 - exp(t)`` is unchanged where ``j >= i``, and ``j < i``, a positive exponent, gives
+    ``exp = 1``) and the empirical step ``(j - i) / n_i`` to ``>= 0``, which makes those
+    entries exactly 0. ``alpha = inf`` (a tail with no spread) gives ``1^-inf = 1`` as numpy's
+    power does.
+    """
+    N = L.numel()
+    D = torch.ones(N - 1, dtype=L.dtype)
+    rows = N - 1 if N <= 256 else max(1, min(chunk_elements // N, -(-N // 8)))
+    slope = 1 - alpha.clamp_max(1e300)  # inf -> finite: 0 * (1 - alpha) is 0, not nan
+    # j - i for a block's row r = i - i0 and column k = j - i0 is k - r whatever i0: exact
+    # integers, computed once (so a row's values do not depend on how the rows are blocked)
+    offsets = (torch.arange(N, dtype=L.dtype)[None, :]
+               - torch.arange(min(rows, N - 1), dtype=L.dtype)[:, None])
+    minus_one = torch.tensor(-1.0, dtype=L.dtype)
+    for i0 in range(0, N - 1, rows):
+        i1 = min(i0 + rows, N - 1)
+        s = slope[i0:i1, None]
+        inv_n = 1.0 / (N - torch.arange(i0, i1, dtype=L.dtype))[:, None]
+        t = torch.addcmul(-s * L[i0:i1, None], s, L[None, i0:]).clamp_(-40.0, 0.0)
+        step = torch.addcmul(minus_one, offsets[:i1 - i0, :N - i0], inv_n).clamp_min_(-1.0)
+        lo, hi = torch.aminmax(torch.exp_(t).add_(step), dim=1)  # 1 - F_fit - F_emp, negated
+        D[i0:i1] = torch.where(alpha[i0:i1] > 1, torch.maximum(hi, -lo), 1.0)
+    return D
+
+
+def _small_n_fit(x: list[float]) -> PowerLawFit:
+    """WeightWatcher 0.7.7's fit for fewer than :data:`SMALL_N` eigenvalues (``x`` ascending):
+    the bias-corrected MLE ``alpha = 1 + (n - 1) / sum log(x_j / xmin)`` for each candidate
+    with a tail of at least 8, the smallest KS distance wins (WeightWatcher also computes a
+    penalized objective, but its final pick is by ``D``); no such candidate: the whole sample
+    is the tail. Where WeightWatcher returns a placeholder (a tail with no spread), ``nan``.
+    """
+    N = len(x)
+    logs = [math.log(v) for v in x]
+
+    def candidate(i: int) -> tuple[float, float] | None:
+        n = N - i
+        s = sum(logs[i:]) - n * logs[i]
+        if s <= 1e-12:
+            return None
+        alpha = 1.0 + (n - 1.0) / s
+        if alpha <= 1.0:
+            return None
+        D = max(abs(j / n - (1.0 - (x[i + j] / x[i]) ** (1.0 - alpha))) for j in range(n))
+        return alpha, D
+
+    best: tuple[int, float, float] | None = None
+    for i in range(N - 7):
+        got = candidate(i)
+        if got is not None and (best is None or got[1] < best[2]):
+            best = (i, *got)
+    if best is None:
+        got = candidate(0)
+        if got is None:
+            return _no_fit(N)
+        best = (0, *got)
+    i, alpha, D = best
+    return PowerLawFit(alpha, x[i], D, N - i, N)
+
+
+def powerlaw_fit(eigs: Tensor, evals_thresh: float = 0.0,
+                 chunk_elements: int = 1 << 21) -> PowerLawFit:
+    """The HT-SR power-law fit of an ESD, as WeightWatcher 0.7.7 computes it by default.
+
+    Clauset, Shalizi & Newman (2009): for each candidate ``xmin`` (every fitted eigenvalue but
+    the largest, ascending), the continuous MLE ``alpha = 1 + n / sum_{x >= xmin} log(x / xmin)``
+    over the ``n`` eigenvalues ``>= xmin``, and the KS distance between the tail's empirical
+    CDF and the fitted ``1 - (x / xmin)^(1 - alpha)``; the ``xmin`` with the smallest distance
+    wins (the first on a tie). This is WeightWatcher's ``pl_package="ww"`` fit (its default;
+    ``xmax=None``, ``fix_fingers=False``): the empirical CDF at the ``k``-th tail point is
+    ``k / n`` (one-sided, as WeightWatcher has it) and every candidate is tried (no cap).
+    Non-finite eigenvalues and those ``<= evals_thresh`` are dropped first. One deviation:
+    WeightWatcher also drops ``lambda <= 1e-5`` (absolute, :data:`WW_EVALS_THRESH`), which makes
+    its alpha depend on the scale of ``W``; here ``evals_thresh`` defaults to 0 (the callers
+    drop numerically zero eigenvalues by the relative :func:`rank_rtol` rule), and
+    ``evals_thresh=WW_EVALS_THRESH`` reproduces WeightWatcher exactly. Fewer than
+    :data:`SMALL_N` eigenvalues: WeightWatcher's small-sample variant (:func:`_small_n_fit`).
+    Fewer than 2: no fit (``nan``).
+
+    Cost: ``O(N^2)`` exponentials, vectorized (:func:`_ks_distances`): measured in
+    ``bench/alpha_ww.py``.
+    """
+    lam = eigs.detach().to(torch.float64).flatten()
+    lam = torch.sort(lam[torch.isfinite(lam) & (lam > max(evals_thresh, 0.0))]).values
+    N = lam.numel()
+    if N < 2:
+        return _no_fit(N)
+    if N < SMALL_N:
+        return _small_n_fit(lam.tolist())
+    L = torch.log(lam)
+    n = N - torch.arange(N - 1, dtype=torch.float64)
+    Lc = L - L[-1]  # centred on the largest: exact zeros for a tail with no spread
+    suffix = torch.flip(torch.cumsum(torch.flip(Lc, (0,)), 0), (0,))  # sum_{j >= i} Lc_j
+    alpha = 1 + n / (suffix[:-1] - n * Lc[:-1])  # 1 + n / sum_{j >= i} log(x_j / x_i)
+    D = _ks_distances(L, alpha, chunk_elements)
+    i = int(torch.argmin(D))
+    return PowerLawFit(float(alpha[i]), float(lam[i]), float(D[i]), N - i, N)
+
 
 def powerlaw_alpha(eigs: Tensor, xmin: float | None = None) -> float:
-    """Power-law exponent of an empirical spectral density by maximum likelihood.
+    """Hill estimator: the power-law MLE over the eigenvalues above a *given* ``xmin``.
 
     For eigenvalues ``lambda_i >= xmin`` (``n_tail`` of them), the continuous power-law MLE
     (Clauset, Shalizi & Newman 2009) is ``alpha = 1 + n_tail / sum log(lambda_i / xmin)``.
     Default ``xmin`` is the median of the positive eigenvalues (the rule TempBalance uses:
-    fit the upper half of the ESD). Returns ``nan`` when fewer than 2 eigenvalues lie in the
-    tail or the tail is degenerate (all equal).
+    fit the upper half of the ESD). This is *not* the alpha WeightWatcher reports, which also
+    chooses ``xmin`` (:func:`powerlaw_fit`); it is a different, faster estimator (one pass, no
+    ``xmin`` search), typically lower on trained weights. Returns ``nan`` when fewer than 2
+    eigenvalues lie in the tail or the tail is degenerate (all equal).
     """
     lam = eigs.detach().to(torch.float64).flatten()
     lam = lam[torch.isfinite(lam) & (lam > 0)]
@@ -215,17 +357,49 @@ def nonzero_eigenvalues_from_sv(s: Tensor, rtol: float = 0.0) -> Tensor:
     return s[s > rtol * s[0]] ** 2
 
 
-def alpha_hill(W: Tensor) -> float:
-    """HT-SR alpha of ``W``'s ESD with the median xmin rule (see :func:`powerlaw_alpha`).
+def _matrix_eigenvalues(W: Tensor) -> Tensor | None:
+    """Non-zero ESD eigenvalues of ``W`` from a float64 SVD (the :func:`rank_rtol` rule of its
+    storage dtype); ``None`` when ``W`` has a non-finite entry."""
+    Wc = as_compute_tensor(W, torch.float64)
+    if not bool(torch.isfinite(Wc).all()):
+        return None
+    s = torch.linalg.svdvals(Wc)
+    return nonzero_eigenvalues_from_sv(s, rank_rtol(tuple(W.shape), W.dtype))
+
+
+def alpha_csn(W: Tensor) -> float:
+    """HT-SR alpha of ``W``'s ESD: :func:`powerlaw_fit` (``xmin`` by minimum KS distance), the
+    alpha WeightWatcher reports and the audit's default. ``nan`` for a non-finite ``W``."""
+    eigs = _matrix_eigenvalues(W)
+    return math.nan if eigs is None else powerlaw_fit(eigs).alpha
+
+
+def alpha_hill_median(W: Tensor) -> float:
+    """Hill estimator of ``W``'s ESD with the median ``xmin`` rule (:func:`powerlaw_alpha`):
+    a different, faster estimator than :func:`alpha_csn`, not WeightWatcher's alpha.
 
     Numerically zero singular values (below :func:`rank_rtol` of ``W``'s storage dtype) are
     left out of the fit; a matrix with fewer than 2 non-zero ones gives ``nan``.
     """
-    Wc = as_compute_tensor(W, torch.float64)
-    if not bool(torch.isfinite(Wc).all()):
-        return math.nan
-    s = torch.linalg.svdvals(Wc)
-    return powerlaw_alpha(nonzero_eigenvalues_from_sv(s, rank_rtol(tuple(W.shape), W.dtype)))
+    eigs = _matrix_eigenvalues(W)
+    return math.nan if eigs is None else powerlaw_alpha(eigs)
+
+
+alpha_hill = alpha_hill_median
+"""Former name of :func:`alpha_hill_median` (the median-``xmin`` Hill estimator)."""
+
+ALPHA_ESTIMATORS = ("csn", "hill_median")
+"""Names :func:`metrics_from_singular_values` accepts for ``alpha``: ``"csn"`` (the default,
+:func:`powerlaw_fit`, WeightWatcher's alpha) and ``"hill_median"`` (:func:`powerlaw_alpha`)."""
+
+
+def alpha_from_eigenvalues(eigs: Tensor, estimator: str = "csn") -> float:
+    """Alpha of a set of ESD eigenvalues by the named estimator (:data:`ALPHA_ESTIMATORS`)."""
+    if estimator == "csn":
+        return powerlaw_fit(eigs).alpha
+    if estimator == "hill_median":
+        return powerlaw_alpha(eigs)
+    raise ValueError(f"unknown alpha estimator {estimator!r}: use one of {ALPHA_ESTIMATORS}")
 
 
 def farms_windows(shape: tuple[int, int], aspect: float = 1.0, overlap: float = 0.5,
@@ -399,8 +573,13 @@ class SpectralMetrics:
 
 
 def metrics_from_singular_values(s: Tensor, shape: tuple[int, int], rtol: float = 0.0,
-                                 alpha: bool = False) -> SpectralMetrics:
-    """Every SVD-based sensor from one descending vector of singular values ``s``."""
+                                 alpha: bool | str = False) -> SpectralMetrics:
+    """Every SVD-based sensor from one descending vector of singular values ``s``.
+
+    ``alpha``: ``False`` skips the fit (``nan``); ``True`` or ``"csn"`` is the HT-SR power-law
+    fit WeightWatcher reports (:func:`powerlaw_fit`); ``"hill_median"`` the faster median-xmin
+    Hill estimator (:func:`powerlaw_alpha`), a different number.
+    """
     s = s.detach().to(torch.float64)
     k = max(min(shape[-2], shape[-1]), 1)
     sr = float(stable_rank_from_sv(s))
@@ -415,7 +594,9 @@ def metrics_from_singular_values(s: Tensor, shape: tuple[int, int], rtol: float 
         condition_number=float(condition_number_from_sv(s, rtol)),
         effective_rank=er,
         effective_rank_ratio=er / k,
-        alpha=powerlaw_alpha(nonzero_eigenvalues_from_sv(s, rtol)) if alpha else math.nan,
+        alpha=alpha_from_eigenvalues(nonzero_eigenvalues_from_sv(s, rtol),
+                                     "csn" if alpha is True else alpha)
+        if alpha else math.nan,
     )
 
 

@@ -7,16 +7,28 @@ import math
 
 import numpy as np
 import pytest
+import reference as R
 import scipy.linalg
 import torch
-from conftest import gen, haar_orthogonal, pareto_quantiles, with_singular_values
+from conftest import gen, haar_orthogonal, pareto_quantiles, trained_like, with_singular_values
 
 from spectral_guard import estimators as E
 from spectral_guard import sensors as S
+from spectral_guard.random_init import (
+    MP_EDGE_MAX,
+    MP_ERANK_MIN,
+    MP_MIN_SIDE,
+    is_mp_like,
+    mp_spectrum_statistics,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
+REL = {None: 1e-5, F64: 1e-12}
+"""Closed-form tolerance per compute path: the default float32 path is good to ~1e-6 here; the
+float64 path to ~1e-15, so a float64 path that silently computes in float32 (errors ~1e-7)
+fails at 1e-12."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -25,14 +37,18 @@ F64 = torch.float64
 
 @pytest.mark.parametrize("m,n", [(16, 16), (40, 12), (12, 40)])
 def test_orthogonal_rows_or_columns(m, n):
-    Q = haar_orthogonal(max(m, n), gen(1))[:m, :n] * 3.0  # orthonormal columns/rows, times 3
-    for dtype in (None, F64):
-        assert S.stable_rank(Q, dtype) == pytest.approx(min(m, n), rel=1e-5)
-        assert S.stable_rank_ratio(Q, dtype) == pytest.approx(1.0, rel=1e-5)
-        assert S.condition_number(Q, dtype) == pytest.approx(1.0, rel=1e-5)
-        assert S.effective_rank_ratio(Q, dtype) == pytest.approx(1.0, rel=1e-5)
-        assert S.spectral_norm(Q, dtype) == pytest.approx(3.0, rel=1e-5)
-        assert S.sigma_min(Q, dtype) == pytest.approx(3.0, rel=1e-5)
+    Q64 = haar_orthogonal(max(m, n), gen(1))[:m, :n] * 3.0  # orthonormal columns/rows, x 3
+    # default path on float32 storage (rounded: ~1e-7 off the closed form), float64 path on
+    # the float64 matrix (exact to ~1e-15)
+    for dtype, Q in ((None, Q64.float()), (F64, Q64)):
+        rel = REL[dtype]
+        assert S.stable_rank(Q, dtype) == pytest.approx(min(m, n), rel=rel)
+        assert S.stable_rank_ratio(Q, dtype) == pytest.approx(1.0, rel=rel)
+        assert S.condition_number(Q, dtype) == pytest.approx(1.0, rel=rel)
+        assert S.effective_rank_ratio(Q, dtype) == pytest.approx(1.0, rel=rel)
+        assert S.spectral_norm(Q, dtype) == pytest.approx(3.0, rel=rel)
+        assert S.sigma_min(Q, dtype) == pytest.approx(3.0, rel=rel)
+    assert S.singular_values(Q64.float()).dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -62,23 +78,26 @@ def test_diagonal_every_metric_in_closed_form():
     k = 5
     fro2 = float((s**2).sum())
     sr = fro2 / 64.0
-    p = s / s.sum()
+    p = s.double() / s.double().sum()  # the closed form in float64
     erank = math.exp(float(-(p * p.log()).sum()))
-    for dtype in (None, F64):
-        assert S.spectral_norm(W, dtype) == pytest.approx(8.0, rel=1e-6)
-        assert S.sigma_min(W, dtype) == pytest.approx(0.5, rel=1e-6)
-        assert S.frobenius_norm(W, dtype) == pytest.approx(math.sqrt(fro2), rel=1e-6)
-        assert S.stable_rank(W, dtype) == pytest.approx(sr, rel=1e-6)
-        assert S.stable_rank_ratio(W, dtype) == pytest.approx(sr / k, rel=1e-6)
-        assert S.condition_number(W, dtype) == pytest.approx(16.0, rel=1e-6)
-        assert S.effective_rank(W, dtype) == pytest.approx(erank, rel=1e-6)
-        assert S.effective_rank_ratio(W, dtype) == pytest.approx(erank / k, rel=1e-6)
+    for dtype in (None, F64):  # the entries are exact in float32: only the path differs
+        rel = REL[dtype]
+        assert S.spectral_norm(W, dtype) == pytest.approx(8.0, rel=rel)
+        assert S.sigma_min(W, dtype) == pytest.approx(0.5, rel=rel)
+        assert S.frobenius_norm(W, dtype) == pytest.approx(math.sqrt(fro2), rel=rel)
+        assert S.stable_rank(W, dtype) == pytest.approx(sr, rel=rel)
+        assert S.stable_rank_ratio(W, dtype) == pytest.approx(sr / k, rel=rel)
+        assert S.condition_number(W, dtype) == pytest.approx(16.0, rel=rel)
+        assert S.effective_rank(W, dtype) == pytest.approx(erank, rel=rel)
+        assert S.effective_rank_ratio(W, dtype) == pytest.approx(erank / k, rel=rel)
+    met64 = E.spectral_metrics(W, dtype=F64)
     met = E.spectral_metrics(W)
     expect = dict(sigma_max=8.0, sigma_min=0.5, frobenius=math.sqrt(fro2), stable_rank=sr,
                   stable_rank_ratio=sr / k, condition_number=16.0, effective_rank=erank,
                   effective_rank_ratio=erank / k)
     for key, value in expect.items():
-        assert getattr(met, key) == pytest.approx(value, rel=1e-6), key
+        assert getattr(met, key) == pytest.approx(value, rel=REL[None]), key
+        assert getattr(met64, key) == pytest.approx(value, rel=REL[F64]), key
     assert met.shape == (7, 5)
     # hand-computed numbers, as a check on the closed forms themselves
     assert sr == pytest.approx(85.25 / 64)
@@ -320,12 +339,88 @@ def test_powerlaw_alpha_recovers_exponent_of_samples(alpha):
     x = _pareto_samples(20000, alpha, gen(int(alpha * 10)))
     assert S.powerlaw_alpha(x) == pytest.approx(alpha, abs=0.15)
     # the MLE's closed form, computed independently in numpy
-    lam = np.sort(x.numpy())
-    xmin = lam[(lam.size - 1) // 2]
-    tail = lam[lam >= xmin]
-    assert S.powerlaw_alpha(x) == pytest.approx(1 + tail.size / np.log(tail / xmin).sum())
+    assert S.powerlaw_alpha(x) == pytest.approx(R.hill_median_alpha(x), rel=1e-12)
     # explicit xmin
     assert S.powerlaw_alpha(x, xmin=2.0) == pytest.approx(alpha, abs=0.15)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 2.5, 3.0, 4.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_powerlaw_fit_recovers_pareto_exponent(alpha, seed):
+    # 4000 draws of an exact Pareto (xmin = 1): whatever xmin the KS rule picks, the tail above
+    # it is Pareto with the same alpha, and the MLE's standard error is (alpha - 1)/sqrt(n_tail).
+    # Measured over 16 draws: |error| <= 2.2 standard errors, n_tail >= 1900. Tolerance: 4.
+    x = _pareto_samples(4000, alpha, gen(100 * seed + int(alpha * 10)))
+    fit = S.powerlaw_fit(x)
+    assert fit.n == 4000 and fit.n_tail >= 500
+    assert fit.alpha == pytest.approx(alpha, abs=4 * (alpha - 1) / math.sqrt(fit.n_tail))
+    assert fit.xmin < 3.0
+    assert S.powerlaw_fit(x).as_dict() == fit.as_dict()  # deterministic
+
+
+def _esd_cases() -> dict[str, torch.Tensor]:
+    g = gen(41)
+    return {
+        "pareto_300": _pareto_samples(300, 3.0, g),
+        "pareto_quantiles": pareto_quantiles(256, 2.5),
+        "gaussian_mp": torch.linalg.svdvals(torch.randn(200, 100, generator=g, dtype=F64)) ** 2,
+        "trained_like": torch.linalg.svdvals(trained_like(300, 200, g).double()) ** 2,
+        "heavy_low_rank_tail": torch.cat([_pareto_samples(150, 2.2, g),
+                                          torch.rand(150, generator=g, dtype=F64)]),
+        "below_threshold": torch.cat([_pareto_samples(60, 3.0, g),
+                                      torch.tensor([1e-6, 5e-6, 1e-5], dtype=F64)]),
+        "ties": torch.cat([_pareto_samples(40, 3.0, g)] * 2),
+        "n21": _pareto_samples(21, 3.0, g),
+        "n20": _pareto_samples(20, 3.0, g),
+        "n19_small": _pareto_samples(19, 3.0, g),
+        "n12_small": _pareto_samples(12, 2.5, g),
+        "n8_small": _pareto_samples(8, 2.5, g),
+        "n5_small": _pareto_samples(5, 2.5, g),
+        "n2": torch.tensor([1.0, 3.0], dtype=F64),
+    }
+
+
+@pytest.mark.parametrize("name", list(_esd_cases()))
+def test_powerlaw_fit_matches_loop_reference(name):
+    # the loop reference tries every xmin in turn (tests/reference.py): the vectorized fit must
+    # pick the very same xmin and give the same alpha and KS distance
+    x = _esd_cases()[name]
+    for thresh in (0.0, S.WW_EVALS_THRESH):  # the package's default, WeightWatcher's floor
+        alpha, xmin, D, n_tail = R.powerlaw_fit(x, thresh)
+        fit = S.powerlaw_fit(x, evals_thresh=thresh)
+        assert fit.xmin == xmin and fit.n_tail == n_tail
+        assert fit.alpha == pytest.approx(alpha, rel=1e-12)
+        assert fit.D == pytest.approx(D, rel=1e-12, abs=1e-15)
+        assert fit.n == int((x > thresh).sum())
+        # the row blocks of the KS computation do not change the answer
+        assert S.powerlaw_fit(x, thresh, chunk_elements=1).as_dict() == fit.as_dict()
+
+
+def test_powerlaw_fit_threshold_scale_and_degenerate_inputs():
+    x = _pareto_samples(500, 2.5, gen(42))
+    fit = S.powerlaw_fit(x)
+    # scale-free by default ...
+    tiny_x = x / x.max() * 1e-6
+    for scaled in (S.powerlaw_fit(x * 1e-3), S.powerlaw_fit(tiny_x)):
+        assert scaled.alpha == pytest.approx(fit.alpha, rel=1e-12)
+        assert scaled.n_tail == fit.n_tail
+    # ... WeightWatcher's absolute floor on request drops eigenvalues <= 1e-5: here all
+    ww = S.powerlaw_fit(tiny_x, evals_thresh=S.WW_EVALS_THRESH)
+    assert math.isnan(ww.alpha) and ww.n == 0
+    # non-finite and non-positive values are dropped, not propagated
+    dirty = torch.cat([x, torch.tensor([0.0, -2.0, math.nan, math.inf], dtype=F64)])
+    assert S.powerlaw_fit(dirty).as_dict() == fit.as_dict()
+    assert math.isnan(S.powerlaw_fit(torch.tensor([3.0])).alpha)
+    assert math.isnan(S.powerlaw_fit(torch.full((10,), 2.0)).alpha)  # small sample, no spread
+    # a large sample with no spread: alpha = inf, as WeightWatcher reports it
+    flat = S.powerlaw_fit(torch.full((30,), 2.0))
+    assert flat.alpha == math.inf and flat.D == pytest.approx(0.5)
+    # the matrix-level sensor: the float64 ESD of W, the audit's rank tolerance, then the fit
+    W = trained_like(120, 80, gen(43))
+    eigs = R.singular_values(W) ** 2
+    assert S.alpha_csn(W) == pytest.approx(R.powerlaw_fit(eigs, 0.0)[0], rel=1e-12)
+    # exact scaling (a power of 2): every s^2 under 1e-5, same alpha
+    assert S.alpha_csn(W * 2.0**-14) == pytest.approx(S.alpha_csn(W), rel=1e-12)
 
 
 @pytest.mark.parametrize("alpha", [2.0, 3.0, 4.0])
@@ -335,7 +430,8 @@ def test_alpha_hill_recovers_exponent_of_matrix_esd(alpha):
     x = pareto_quantiles(k, alpha)
     W = with_singular_values(512, k, x.sqrt(), gen(8)).float()
     assert S.alpha_hill(W) == pytest.approx(alpha, abs=0.15)
-    assert E.spectral_metrics(W).alpha == pytest.approx(alpha, abs=0.15)
+    assert S.alpha_csn(W) == pytest.approx(alpha, abs=0.15)  # measured: within 0.007
+    assert E.spectral_metrics(W).alpha == pytest.approx(S.alpha_csn(W), rel=1e-5)
     # transposing does not change the ESD's non-zero part
     assert S.alpha_hill(W.T) == pytest.approx(S.alpha_hill(W), rel=1e-4)
 
@@ -350,12 +446,16 @@ def test_alpha_ignores_numerically_zero_singular_values():
     ref = S.powerlaw_alpha(s[:100] ** 2)
     assert S.alpha_hill(W) == pytest.approx(ref, rel=1e-4)
     assert S.alpha_hill(W.T) == pytest.approx(ref, rel=1e-4)
-    assert E.spectral_metrics(W).alpha == pytest.approx(ref, rel=1e-4)
     assert S.farms_alpha(W) == pytest.approx(ref, rel=1e-4)  # square: one window
     assert ref > 2.0
+    csn = S.powerlaw_fit(s[:100] ** 2).alpha  # the audit's alpha, same 100 eigenvalues
+    assert E.spectral_metrics(W).alpha == pytest.approx(csn, rel=1e-4)
+    assert S.alpha_csn(W) == pytest.approx(csn, rel=1e-4)
+    assert S.alpha_csn(W.T) == pytest.approx(csn, rel=1e-4)
     # rank 1: one non-zero eigenvalue, no fit
     u = torch.randn(64, 1, generator=g)
     assert math.isnan(S.alpha_hill(u @ u.T))
+    assert math.isnan(S.alpha_csn(u @ u.T))
     assert math.isnan(E.spectral_metrics(u @ u.T).alpha)
     sv = torch.tensor([4.0, 2.0, 1e-9, 0.0], dtype=F64)
     torch.testing.assert_close(S.nonzero_eigenvalues_from_sv(sv, 1e-6),
@@ -376,6 +476,55 @@ def test_esd_is_squared_singular_values_ascending():
     W = torch.randn(30, 20, generator=gen(10))
     ref = np.sort(np.linalg.svd(W.numpy().astype(np.float64), compute_uv=False) ** 2)
     np.testing.assert_allclose(S.esd(W).numpy(), ref, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Marchenko-Pastur "looks random" statistics (spectral_guard.random_init)
+
+
+@pytest.mark.parametrize("m,n,seed", [(1024, 256, 0), (512, 512, 1), (300, 1000, 2)])
+def test_mp_statistics_of_gaussian_matrix_are_near_one(m, n, seed):
+    # closed form: for i.i.d. entries sigma_max -> sigma (sqrt m + sqrt n) and ||W||_F^2 ->
+    # sigma^2 m n, so the edge statistic -> 1; the effective rank -> the MP spectrum's, ratio 1.
+    # Finite size: sigma_max sits a Tracy-Widom distance below the edge (about 1-2 % here);
+    # measured over 9 draws: edge 0.981 .. 1.007, erank ratio 0.9995 .. 1.0003.
+    W = torch.randn(m, n, generator=gen(500 + seed), dtype=F64) * 0.37  # any scale
+    s = R.singular_values(W)
+    stats = mp_spectrum_statistics(float(s[0] / np.sqrt((s**2).sum())), R.effective_rank(s),
+                                   (m, n))
+    assert stats is not None
+    edge, erank_ratio = stats
+    assert 0.95 < edge < 1.03
+    assert erank_ratio == pytest.approx(1.0, abs=0.005)
+    assert is_mp_like(edge, erank_ratio)
+    # a trained-like (power-law) spectrum of the same shape is not MP-like: outlier directions
+    T = trained_like(m, n, gen(600 + seed)).double()
+    t = R.singular_values(T)
+    edge_t, ratio_t = mp_spectrum_statistics(float(t[0] / np.sqrt((t**2).sum())),
+                                             R.effective_rank(t), (m, n))
+    assert edge_t > MP_EDGE_MAX and not is_mp_like(edge_t, ratio_t)
+
+
+def test_mp_statistics_closed_form_and_min_side_cutoff():
+    # e = (sigma_max / ||W||_F) sqrt(p) / (1 + sqrt(p / q)): p = 16, q = 64 gives 4 / 1.5
+    assert MP_MIN_SIDE == 16
+    edge, _ = mp_spectrum_statistics(0.375, 10.0, (16, 64))
+    assert edge == pytest.approx(1.0, rel=1e-15)
+    assert mp_spectrum_statistics(0.375, 10.0, (64, 16)) == mp_spectrum_statistics(
+        0.375, 10.0, (16, 64))  # orientation-free
+    # r = erank / erank(MP): proportional to the erank given
+    _, r1 = mp_spectrum_statistics(0.3, 5.0, (32, 100))
+    _, r2 = mp_spectrum_statistics(0.3, 10.0, (32, 100))
+    assert r2 == pytest.approx(2 * r1, rel=1e-15)
+    # a side just under MP_MIN_SIDE is not judged, at it is (either axis)
+    for shape in [(MP_MIN_SIDE - 1, 500), (500, MP_MIN_SIDE - 1)]:
+        assert mp_spectrum_statistics(0.3, 10.0, shape) is None
+    for shape in [(MP_MIN_SIDE, 500), (500, MP_MIN_SIDE)]:
+        assert mp_spectrum_statistics(0.3, 10.0, shape) is not None
+    # the bounds are inclusive, and each statistic alone can fail the test
+    assert is_mp_like(MP_EDGE_MAX, MP_ERANK_MIN)
+    assert not is_mp_like(MP_EDGE_MAX * (1 + 1e-9), MP_ERANK_MIN)
+    assert not is_mp_like(MP_EDGE_MAX, MP_ERANK_MIN * (1 - 1e-9))
 
 
 # ----------------------------------------------------------------------------------------------
