@@ -1,7 +1,7 @@
 """The measurement behind the random-weights bound of ``spectral-guard calibrate``.
 
 For each population it prints, over the audited matrices (biopsy mode, limit 128), the range of
-the Marchenko-Pastur statistics of :mod:`spectral_guard.calibrate` (top edge ``e``, effective
+the Marchenko-Pastur statistics of :mod:`spectral_guard.calibration` (top edge ``e``, effective
 rank relative to MP ``r``) and how many matrices are MP-like (``e <= 1.08`` and ``r >= 0.96``):
 
 * random initializations of the example's char transformer (PyTorch defaults, N(0, 0.02^2),
@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import spectral_guard
-from spectral_guard.calibrate import mp_statistics, random_check
+from spectral_guard.calibration import mp_statistics, random_check
 from spectral_guard.random_init import MP_EDGE_MAX, MP_ERANK_MIN
 from spectral_guard.thresholds import role_group
 

@@ -23,7 +23,7 @@ _LAZY = {
     "remove": ("spectral_guard.guard.instrument", "remove"),
     "Guard": ("spectral_guard.guard.instrument", "Guard"),
     "GuardConfig": ("spectral_guard.guard.config", "GuardConfig"),
-    "auto_calibrate": ("spectral_guard.calibrate", "auto_calibrate"),
+    "auto_calibrate": ("spectral_guard.guard.auto", "auto_calibrate"),
     "sensors": ("spectral_guard.sensors", None),
     "estimators": ("spectral_guard.estimators", None),
 }

@@ -15,14 +15,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import spectral_guard
-from spectral_guard.calibrate import (
-    TIERS,
-    CalibrationWarning,
-    RandomWeightsWarning,
-    count_parameters,
-    measure_model,
-    tier_for,
-)
+from spectral_guard.calibration import CalibrationWarning, RandomWeightsWarning, calibrate
+from spectral_guard.guard.auto import TIERS, count_parameters, tier_for
 from spectral_guard.guard.config import GuardConfig, render_config
 from spectral_guard.thresholds import default_thresholds
 
@@ -111,12 +105,10 @@ def test_trained_model_learns_its_own_thresholds(family):  # noqa: F811
     th = cfg.thresholds
     assert "learned from the model's 15 matrices" in th.provenance["auto_calibrate"]["thresholds"]
     assert th.default.stable_rank_min != default_thresholds().default.stable_rank_min
-    # a floor at P10 x 0.8 leaves at most 10% of the model's own matrices below it
-    own = measure_model(model)
-    for field, metric in (("stable_rank_min", "stable_rank"),
-                          ("effective_rank_ratio_min", "effective_rank_ratio")):
-        below = [m.name for m in own if getattr(m, metric) < getattr(th.rule_for(m.name), field)]
-        assert len(below) <= 0.1 * len(own), (field, below)
+    # the law: every matrix of the model passes the thresholds learned from it
+    own = spectral_guard.audit(model, thresholds=th)
+    assert len(own.matrices) == 15
+    assert [m.name for m in own.matrices if m.status != "ok"] == []
     guard = spectral_guard.instrument(model, cfg)
     try:
         assert model(torch.zeros(1, 4, dtype=torch.long)).shape[-1] == model.lm_head.out_features
@@ -125,20 +117,16 @@ def test_trained_model_learns_its_own_thresholds(family):  # noqa: F811
     assert guard is not None
 
 
-def test_measure_model_matches_the_audit_of_the_saved_weights(family):  # noqa: F811
+def test_a_live_model_is_measured_as_its_saved_weights(family):  # noqa: F811
+    # auto_calibrate measures through the audit's own reader: the thresholds it learns from the
+    # live model are those calibrate learns from the saved file
     model = _member_model(family.references[0])
-    live = {m.name: m for m in measure_model(model)}
-    audited = {m.name: m for m in spectral_guard.audit(family.references[0]).matrices}
-    assert set(live) == set(audited)
-    # the audit keeps every column of a matrix whose rows all fit the biopsy (64 x 256 is
-    # measured whole there, 64 x 128 here, as audit_biopsy_indices documents): compare the
-    # matrices measured on the same submatrix
-    same = [n for n, m in audited.items() if live[n].measured_shape == m.measured_shape]
-    assert len(same) >= 13
-    for name in same:
-        for key in ("stable_rank", "effective_rank_ratio", "sigma_max", "alpha"):
-            assert getattr(live[name], key) == pytest.approx(getattr(audited[name], key),
-                                                             rel=1e-5), key
+    live = spectral_guard.auto_calibrate(model).thresholds
+    saved = calibrate(family.references[0]).thresholds
+    assert live.default == saved.default
+    assert live.groups == saved.groups
+    assert live.provenance["source"] == "spectral_guard.auto_calibrate"
+    assert live.provenance["groups"] == saved.provenance["groups"]
 
 
 def test_random_model_warns_and_keeps_the_defaults():

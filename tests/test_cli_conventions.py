@@ -17,7 +17,7 @@ from spectral_guard.cli.main import app
 from typer.testing import CliRunner
 
 import spectral_guard.auditing
-import spectral_guard.calibrate
+import spectral_guard.calibration
 from spectral_guard.verdict import STATUSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_ctrl_c_exits_130_with_one_line(command, monkeypatch, tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    target = spectral_guard.auditing if command == "audit" else spectral_guard.calibrate
+    target = spectral_guard.auditing if command == "audit" else spectral_guard.calibration
     monkeypatch.setattr(target, command if command == "calibrate" else "audit", interrupted)
     extra = ["-o", tmp_path / "t.json"] if command == "calibrate" else []
     one_line_error(cli(command, EXAMPLE, *extra), EXIT_INTERRUPTED, "interrupted")
@@ -97,7 +97,7 @@ def test_internal_error_exit_3_traceback_only_with_debug(command, monkeypatch, t
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    target = spectral_guard.auditing if command == "audit" else spectral_guard.calibrate
+    target = spectral_guard.auditing if command == "audit" else spectral_guard.calibration
     monkeypatch.setattr(target, command if command == "calibrate" else "audit", broken)
     extra = ["-o", tmp_path / "t.json"] if command == "calibrate" else []
     err = one_line_error(cli(command, EXAMPLE, *extra), EXIT_INTERNAL, "internal error")
