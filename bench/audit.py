@@ -160,7 +160,7 @@ def reference(folder: Path, names: set[str]) -> tuple[dict[str, tuple[float, flo
 
 def timed_audit(folder: Path, mode: str, include: list[str]) -> tuple[object, dict[str, float]]:
     """Run the audit; per-tensor seconds from the progress callback's timestamps."""
-    from spectral_guard.auditing import audit
+    from spectral_guard.audit import audit
 
     secs: dict[str, float] = {}
     last = [time.perf_counter()]
@@ -186,7 +186,7 @@ def peak_rss_biopsy(folder: Path, statement: str = "") -> tuple[float, float]:
     # The child reports its own VmHWM (the high-water mark of its address space since exec).
     # ru_maxrss is not used: it also counts the parent's pages the child shared between fork
     # and exec, so a parent that just generated the checkpoint reported ~3.4 GB.
-    code = ("import sys; from spectral_guard.auditing import audit; "
+    code = ("import sys; from spectral_guard.audit import audit; "
             + (statement or "audit(sys.argv[1], mode='biopsy')") + "; "
             "print([ln.split()[1] for ln in open('/proc/self/status') "
             "if ln.startswith('VmHWM:')][0])")

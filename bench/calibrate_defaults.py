@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import tiny_models as tm  # noqa: E402
 
-from spectral_guard.auditing import audit  # noqa: E402
+from spectral_guard.audit import audit  # noqa: E402
 
 METRICS = ("stable_rank", "stable_rank_ratio", "effective_rank_ratio", "condition_number",
            "alpha")

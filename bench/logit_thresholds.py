@@ -1,7 +1,7 @@
 """Measurements behind the audit's ``logit_scale_max`` default (docs/audit.md, "Attention logit
 scale"): ``max_h s_h n`` over the layers of tiny transformers models trained on CPU.
 
-``s_h = sigma_max(W_q,h^T W_k,h) / sqrt(d_h)`` (exact, :func:`spectral_guard.audit_logit.
+``s_h = sigma_max(W_q,h^T W_k,h) / sqrt(d_h)`` (exact, :func:`spectral_guard.audit.logit.
 exact_head_scales`), ``n`` the input width. 3-layer byte-level GPT-2 and Llama (n = 96, 4 heads,
 Llama with 2 key heads), AdamW (beta2 0.95, no weight decay), batches of 16 x 64 bytes of the
 Python standard library's sources, 300 steps, at healthy (1e-3, 3e-3) and stressed (3e-2, 1e-1)
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from spectral_guard.audit_logit import measure_model
+from spectral_guard.audit.logit import measure_model
 
 
 def corpus(limit: int = 200) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``spectral-guard audit``: thin command over :func:`spectral_guard.auditing.audit`.
+"""``spectral-guard audit``: thin command over :func:`spectral_guard.audit.audit`.
 
 Exit codes (:mod:`spectral_guard.cli.common`): 0 no matrix fails the ``--fail-on`` policy; 1 at
 least one does; 2 usage or input error (one line on stderr, no traceback); 3 internal error;
@@ -61,12 +61,23 @@ def parse_fail_on(value: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
+def check_patterns(flag: str, patterns: list[str]) -> None:
+    """A bad regular expression is a usage error naming its flag, before any work starts."""
+    import re
+
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise fail(f"{flag} {p!r}: bad regular expression ({exc})") from None
+
+
 def audit_command(
     paths: list[Path] = typer.Argument(..., metavar="PATH...", show_default=False,
                                        help="Checkpoint file(s), index.json or folder(s)."),
     mode: Mode = typer.Option(Mode.biopsy, "--mode", help="biopsy (seeded submatrix) or exact "
                               "(full SVD)."),
-    limit: int = typer.Option(128, "--limit", help="Biopsy size: LIMIT x 0.75 LIMIT for a "
+    limit: int = typer.Option(128, "--limit", min=2, help="Biopsy size: LIMIT x 0.75 LIMIT for a "
                               "matrix with a side longer than LIMIT."),
     seed: int = typer.Option(0, "--seed", help="Seed of the biopsy sample."),
     include: list[str] = typer.Option([], "--include", help="Only tensors whose name matches "
@@ -97,7 +108,7 @@ def audit_command(
                                "traceback too."),
 ) -> None:
     """Audit checkpoints for rank collapse, ill-conditioning and corruption."""
-    from spectral_guard.auditing import audit
+    from spectral_guard.audit import audit
     from spectral_guard.checkpoint import CheckpointError
     from spectral_guard.report import render_csv, render_json, render_text
     from spectral_guard.thresholds import ThresholdsError
@@ -108,6 +119,8 @@ def audit_command(
         flag = "--top" if top is not None else "--quiet"
         raise fail(f"{flag} shapes the table and cannot be combined with --json, which always "
                    "holds every matrix (filter the JSON instead)")
+    for flag, patterns in (("--include", include), ("--exclude", exclude)):
+        check_patterns(flag, patterns)
     if csv_path is not None:
         check_writable(csv_path, "--csv")
     if plot_path is not None:
@@ -131,7 +144,11 @@ def audit_command(
     if as_json:
         typer.echo(render_json(report))
     else:
-        render_text(report, stdout_console(), top=top, quiet=quiet, show_skipped=show_skipped)
+        console = stdout_console()
+        render_text(report, console, top=top, quiet=quiet, show_skipped=show_skipped)
+        if report.logit_needs_heads:
+            console.print("Hint: give the attention head count with --heads N to check the q-k "
+                          "logit scale.")
     if plot_path is not None:
         from spectral_guard.integrations.plot import plot_audit
 

@@ -43,7 +43,7 @@ def plot_output_ready(path: Path) -> None:
 def find_matrix(ckpt: Any, name: str) -> tuple[Any, tuple[int, ...], int, int]:
     """``(tensor info, lead index, rows, cols)`` of the matrix ``name``; ``ValueError`` with
     one line (and close names) when there is none."""
-    from spectral_guard.auditing import plan_tensor
+    from spectral_guard.audit import plan_tensor
 
     names: list[str] = []
     for info in ckpt.tensors:

@@ -18,7 +18,7 @@ from .thresholds import Rule, Thresholds, load_thresholds
 __version__ = "0.1.0"
 
 _LAZY = {
-    "audit": ("spectral_guard.auditing", "audit"),
+    "audit": ("spectral_guard.audit", "audit"),
     "instrument": ("spectral_guard.guard.instrument", "instrument"),
     "remove": ("spectral_guard.guard.instrument", "remove"),
     "Guard": ("spectral_guard.guard.instrument", "Guard"),

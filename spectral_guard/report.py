@@ -1,4 +1,4 @@
-"""Renderers for an audit :class:`~spectral_guard.auditing.Report`: rich table, verdict, JSON, CSV.
+"""Renderers for an audit :class:`~spectral_guard.audit.Report`: rich table, verdict, JSON, CSV.
 
 Nothing here computes a metric or a status; it only formats what the report holds.
 """
@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from .auditing import MatrixResult, Report
+    from .audit import MatrixResult, Report
 
 STATUS_STYLE = {
     "ok": "green",
@@ -27,11 +27,12 @@ STATUS_STYLE = {
     "nonfinite": "bold red",
 }
 
-CSV_FIELDS = ("name", "tensor", "file", "shape", "dtype", "group", "mode", "measured_shape",
-              "status", "reasons", "stable_rank", "stable_rank_ratio", "condition_number",
+CSV_FIELDS = ("name", "tensor", "file", "shape", "read_as", "dtype", "group", "mode",
+              "measured_shape", "status", "reasons", "stable_rank", "stable_rank_ratio",
+              "condition_number",
               "singular", "sigma_max", "sigma_min", "effective_rank", "effective_rank_ratio",
               "alpha", "nonfinite", "dead_rows", "dead_cols", "duplicate_rows",
-              "duplicate_sample", "logit_scale", "logit_head", "logit_pair")
+              "duplicate_sample", "logit_typical", "logit_scale", "logit_head", "logit_pair")
 
 
 def _g(x: float | None, digits: int = 3) -> str:
@@ -59,21 +60,24 @@ def audit_table(report: Report, top: int | None = None) -> Table:
     if top is not None and top < len(report.matrices):
         title += f": worst {top} of {len(report.matrices)}"
     table = Table(title=title, header_style="bold", show_lines=False)
-    for col, justify in (("name", "left"), ("shape", "right"), ("dtype", "left"),
+    for col, justify in (("name", "left"), ("shape", "right"), ("read as", "left"),
+                         ("dtype", "left"),
                          ("SR", "right"), ("SR/k", "right"), ("kappa", "right"),
                          ("erank/k", "right"), ("alpha", "right"), ("status", "left"),
                          ("reason", "left")):
         table.add_column(col, justify=justify, overflow="fold")
     logit = any(m.logit_scale is not None for m in report.matrices)
-    if logit:  # only when the attention-logit pass measured a pair (max_h s_h n)
+    if logit:  # only when the attention-logit pass measured a pair: max_h tau_h, max_h s_h n
         table.add_column("qk logit", justify="right", overflow="fold")
+        table.add_column("qk bound", justify="right", overflow="fold")
     for m in rows:
         table.add_row(
-            m.name, _shape(m.shape), m.dtype, _g(m.stable_rank), _g(m.stable_rank_ratio),
+            m.name, _shape(m.shape), m.read_as, m.dtype, _g(m.stable_rank), _g(m.stable_rank_ratio),
             _kappa(m), _g(m.effective_rank_ratio), _g(m.alpha),
             Text(m.status, style=STATUS_STYLE.get(m.status, "")),
             (m.reasons[0] + (f" (+{len(m.reasons) - 1})" if len(m.reasons) > 1 else ""))
-            if m.reasons else "", *((_g(m.logit_scale),) if logit else ()))
+            if m.reasons else "",
+            *((_g(m.logit_typical), _g(m.logit_scale)) if logit else ()))
     return table
 
 

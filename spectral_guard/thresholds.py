@@ -111,11 +111,16 @@ class Rule:
       collapse_min_dim           the collapse checks (the three above the condition number)
                                  apply only when ``min(m, n) >= value``: a 1 x n or 2 x n matrix
                                  has a stable rank near 1 by construction, not by collapse
-      logit_scale_max            logit_risk if the q-k logit bound ``max_h s_h n`` of the
-                                 attention pair the matrix belongs to exceeds value, with
-                                 ``s_h = sigma_max(W_q,h^T W_k,h) / sqrt(d_h)`` and ``n`` the
-                                 input width (the largest logit unit-RMS inputs can reach; see
-                                 ``spectral_guard.audit_logit`` and docs/audit.md)
+      logit_typical_max          logit_risk if the typical q-k logit scale ``max_h tau_h`` of
+                                 the attention pair the matrix belongs to exceeds value, with
+                                 ``tau_h = ||W_q,h^T W_k,h||_F / sqrt(d_h)`` (the RMS logit of
+                                 isotropic unit-RMS inputs, width-independent; see
+                                 ``spectral_guard.audit.logit`` and docs/audit.md)
+      logit_scale_max            logit_risk if the worst-case q-k logit bound ``max_h s_h n``
+                                 exceeds value, with ``s_h = sigma_max(W_q,h^T W_k,h) /
+                                 sqrt(d_h)`` and ``n`` the input width; it grows with ``n``, so
+                                 the shipped defaults leave it off (a ceiling for one model
+                                 family, e.g. from calibration)
 
     Guard (relative to the layer's own value when it was instrumented):
       effective_rank_retention_min   trigger collapse pressure if ``erank / erank_0 < value``
@@ -138,6 +143,7 @@ class Rule:
     condition_number_growth_max: float | None = None
     fiedler_max: float | None = None
     logit_scale_max: float | None = None
+    logit_typical_max: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> Rule:

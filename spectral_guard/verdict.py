@@ -10,9 +10,12 @@ check that failed, worst first):
                      ``SR / min(m, n) < stable_rank_ratio_min``,
                      ``erank / min(m, n) < effective_rank_ratio_min``.
 ``ill_conditioned``  ``kappa > condition_number_max`` (a singular matrix has ``kappa = inf``).
-``logit_risk``       an attention pair's q-k logit bound ``max_h s_h n`` (``logit_scale``, see
-                     :mod:`spectral_guard.audit_logit`) exceeds ``logit_scale_max``. Not in the
-                     default ``--fail-on`` policy.
+``logit_risk``       an attention pair's typical q-k logit scale ``max_h tau_h``
+                     (``logit_typical``: the RMS logit of isotropic unit-RMS inputs, see
+                     :mod:`spectral_guard.audit.logit`) exceeds ``logit_typical_max``, or its
+                     worst-case bound ``max_h s_h n`` (``logit_scale``) exceeds
+                     ``logit_scale_max`` (off in the shipped defaults; a calibrated ceiling).
+                     Not in the default fail policy.
 ``suspicious``       the fraction of near-duplicate rows exceeds ``duplicate_row_fraction_max``,
                      or alpha lies outside ``[alpha_min, alpha_max]``.
 ``ok``               none of the above.
@@ -45,8 +48,9 @@ class Observation:
 
     ``min_dim`` is ``min(m, n)`` of the full matrix; the ratios are those of the measured
     (possibly biopsied) matrix. ``duplicate_rows`` counts near-duplicates among
-    ``duplicate_sample`` examined rows. ``logit_scale`` is ``max_h s_h n`` of the attention
-    pair the matrix belongs to (``None``: not part of a measured pair).
+    ``duplicate_sample`` examined rows. ``logit_scale`` (``max_h s_h n``) and ``logit_typical``
+    (``max_h tau_h``) are those of the attention pair the matrix belongs to (``None``: not part
+    of a measured pair).
     """
 
     min_dim: int
@@ -63,6 +67,7 @@ class Observation:
     duplicate_rows: int | None = None
     duplicate_sample: int | None = None
     logit_scale: float | None = None
+    logit_typical: float | None = None
 
 
 def _fmt(x: float) -> str:
@@ -101,9 +106,10 @@ def judge(obs: Observation, rule: Rule) -> tuple[str, list[str]]:
     if kappa is not None and kmax is not None and kappa > kmax:
         what = "singular (kappa = inf)" if math.isinf(kappa) else f"kappa {_fmt(kappa)}"
         found["ill_conditioned"].append(f"{what} > {_fmt(kmax)}")
-    lmax = rule.logit_scale_max
-    if obs.logit_scale is not None and lmax is not None and obs.logit_scale > lmax:
-        found["logit_risk"].append(f"q-k logit bound {_fmt(obs.logit_scale)} > {_fmt(lmax)}")
+    for value, limit, label in ((obs.logit_typical, rule.logit_typical_max, "typical q-k logit"),
+                                (obs.logit_scale, rule.logit_scale_max, "q-k logit bound")):
+        if value is not None and limit is not None and value > limit:
+            found["logit_risk"].append(f"{label} {_fmt(value)} > {_fmt(limit)}")
     dmax = rule.duplicate_row_fraction_max
     if obs.duplicate_rows is not None and obs.duplicate_sample and dmax is not None:
         frac = obs.duplicate_rows / obs.duplicate_sample

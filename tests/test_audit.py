@@ -13,8 +13,9 @@ from audit_fixtures import gaussian_matrices, tiny_models, write_sharded
 from safetensors.torch import save_file
 
 import spectral_guard
-import spectral_guard.auditing as audit_mod
-from spectral_guard.auditing import audit
+import spectral_guard.audit as audit_mod
+import spectral_guard.audit.measure as measure_mod
+from spectral_guard.audit import audit
 from spectral_guard.checkpoint import CheckpointError
 from spectral_guard.estimators import biopsy_indices, name_seed, spectral_metrics
 from spectral_guard.thresholds import Rule, Thresholds, ThresholdsError
@@ -38,7 +39,7 @@ def np_metrics(W: torch.Tensor) -> dict[str, float]:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force many row chunks per matrix, so chunk boundaries are exercised."""
-    monkeypatch.setattr(audit_mod, "chunk_rows", lambda cols, itemsize, chunk_bytes=0: 7)
+    monkeypatch.setattr(measure_mod, "chunk_rows", lambda cols, itemsize, chunk_bytes=0: 7)
 
 
 def by_name(report) -> dict:
@@ -101,6 +102,7 @@ def test_small_matrix_biopsy_equals_exact(tmp_path):
     save_file(gaussian_matrices(), str(p))
     a = by_name(audit(p, mode="biopsy", limit=512, thresholds=OFF))
     b = by_name(audit(p, mode="exact", thresholds=OFF))
+    assert set(a) == set(b) == set(gaussian_matrices())  # every matrix, in both modes
     for name in a:  # same matrix; biopsy: float64 Gram eigenvalues, exact: float32 SVD
         assert a[name].measured_shape == b[name].measured_shape
         assert a[name].stable_rank == pytest.approx(b[name].stable_rank, rel=1e-5)
@@ -158,6 +160,9 @@ def test_tensor_rules_stacks_conv_and_skips(tmp_path):
     assert got["conv.weight"].stable_rank == pytest.approx(
         np_metrics(conv2d.reshape(16, -1))["stable_rank"], rel=1e-4)
     assert got["conv1d.weight"].shape == (12, 24)
+    assert [got[f"moe.experts.w[{e}]"].read_as for e in range(3)] == [
+        "experts[0]", "experts[1]", "experts[2]"]
+    assert got["conv.weight"].read_as == got["conv1d.weight"].read_as == "conv"
     skipped = {s.name: s.reason for s in rep.skipped}
     assert set(skipped) == {"bias", "scalar", "ids", "mask", "empty"}
     assert "1-D" in skipped["bias"] and "0-D" in skipped["scalar"]
@@ -165,18 +170,88 @@ def test_tensor_rules_stacks_conv_and_skips(tmp_path):
     assert "empty" in skipped["empty"]
 
 
+def test_long_conv_kernel_is_a_conv_not_experts(tmp_path):
+    # a conv1d STFT-like basis [258, 1, 256]: real/imaginary Fourier rows, with exact zeros
+    # (the imaginary rows at frequency 0 and Nyquist): one 258 x 256 matrix read as a conv
+    t = torch.arange(256, dtype=torch.float64)
+    f = torch.arange(129, dtype=torch.float64)[:, None]
+    window = torch.hann_window(256, periodic=True, dtype=torch.float64)
+    basis = torch.cat([torch.cos(2 * math.pi * f * t / 256), -torch.sin(2 * math.pi * f * t / 256)])
+    basis = (basis * window).float()
+    basis[129].zero_()
+    basis[257].zero_()
+    p = tmp_path / "stft.safetensors"
+    save_file({"stft.forward_basis_buffer": basis[:, None, :].contiguous(),
+               "encoder.0.reparam_conv.weight": torch.randn(128, 129, 3)}, str(p))
+    for mode in ("biopsy", "exact"):
+        rep = audit(p, mode=mode)
+        got = by_name(rep)
+        assert set(got) == {"stft.forward_basis_buffer", "encoder.0.reparam_conv.weight"}
+        m = got["stft.forward_basis_buffer"]
+        assert m.read_as == "conv" and m.shape == (258, 256) and m.tensor_shape == (258, 1, 256)
+        assert m.dead_rows == 2 and m.status == "ok", m.reasons
+        assert rep.exit_code == 0
+    s = np.linalg.svd(basis.double().numpy(), compute_uv=False)
+    assert m.stable_rank == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-4)
+
+
+def test_experts_only_when_name_or_config_says_so(tmp_path):
+    gen = torch.Generator().manual_seed(8)
+    stack = torch.randn(4, 24, 32, generator=gen)
+    p = tmp_path / "model.safetensors"
+    save_file({"layers.0.mlp.w_stack": stack}, str(p))
+    plain = by_name(audit(p, mode="exact", thresholds=OFF))
+    assert list(plain) == ["layers.0.mlp.w_stack"]
+    assert plain["layers.0.mlp.w_stack"].read_as == "conv"
+    assert plain["layers.0.mlp.w_stack"].shape == (4, 24 * 32)
+    # config.json next to the checkpoint gives the expert count: E == 4 -> experts
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_local_experts": 4}}))
+    moe = by_name(audit(p, mode="exact", thresholds=OFF))
+    assert sorted(moe) == [f"layers.0.mlp.w_stack[{e}]" for e in range(4)]
+    for e in range(4):
+        m = moe[f"layers.0.mlp.w_stack[{e}]"]
+        assert m.read_as == f"experts[{e}]" and m.shape == (24, 32)
+        assert m.stable_rank == pytest.approx(np_metrics(stack[e])["stable_rank"], rel=1e-4)
+    # another expert count does not match the leading dimension: still a conv
+    (tmp_path / "config.json").write_text(json.dumps({"num_experts": 8}))
+    assert list(by_name(audit(p, mode="exact", thresholds=OFF))) == ["layers.0.mlp.w_stack"]
+
+
+def test_read_as_in_json_csv_and_table(tmp_path):
+    from rich.console import Console
+
+    from spectral_guard.report import audit_table, render_csv
+
+    p = tmp_path / "m.safetensors"
+    save_file({"model.embed_tokens.weight": torch.randn(50, 16),
+               "layers.0.fc.weight": torch.randn(16, 16),
+               "conv.weight": torch.randn(8, 4, 9)}, str(p))
+    rep = audit(p)
+    doc = rep.to_json_dict()
+    assert {m["name"]: m["read_as"] for m in doc["matrices"]} == {
+        "model.embed_tokens.weight": "embedding", "layers.0.fc.weight": "linear",
+        "conv.weight": "conv"}
+    assert "read_as" in render_csv(rep).splitlines()[0].split(",")
+    console = Console(width=200, record=True)
+    console.print(audit_table(rep))
+    text = console.export_text()
+    assert "read as" in text and "embedding" in text and "conv" in text
+
+
 def test_stacked_experts_biopsy_share_indices(tmp_path):
     gen = torch.Generator().manual_seed(9)
     experts = torch.randn(2, 100, 90, generator=gen)
     experts[1] = torch.randn(100, 2, generator=gen) @ torch.randn(2, 90, generator=gen)
     p = tmp_path / "m.safetensors"
-    save_file({"e": experts}, str(p))
+    name = "mlp.experts.w"
+    save_file({name: experts}, str(p))
     got = by_name(audit(p, mode="biopsy", limit=32, seed=1))
-    rows, cols = audit_mod.audit_biopsy_indices((100, 90), 32, name_seed(1, "e"))
+    assert len(got) == 2
+    rows, cols = audit_mod.audit_biopsy_indices((100, 90), 32, name_seed(1, name))
     for e in range(2):
         ref = np_metrics(experts[e][rows][:, cols])
-        assert got[f"e[{e}]"].stable_rank == pytest.approx(ref["stable_rank"], rel=1e-4)
-    assert got["e[0]"].status == "ok" and got["e[1]"].status == "collapsed"
+        assert got[f"{name}[{e}]"].stable_rank == pytest.approx(ref["stable_rank"], rel=1e-4)
+    assert got[f"{name}[0]"].status == "ok" and got[f"{name}[1]"].status == "collapsed"
 
 
 def test_include_exclude_and_determinism(tmp_path):
@@ -365,6 +440,7 @@ def test_random_init_layers_are_not_flagged(tmp_path):
     save_file(tensors, str(p))
     for mode in ("biopsy", "exact"):
         rep = audit(p, mode=mode, limit=256)
+        assert sorted(m.name for m in rep.matrices) == sorted(tensors)  # all three audited
         assert {m.name: m.reasons for m in rep.matrices if m.status != "ok"} == {}
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file, save_model
 from torch.nn.utils import parametrize
 
 import spectral_guard
-from spectral_guard.auditing import accelerator_metrics, audit
+from spectral_guard.audit import accelerator_metrics, audit
 from spectral_guard.checkpoint import CheckpointError
 from spectral_guard.checkpoint.inmemory import original_name
 from spectral_guard.estimators import spectral_metrics

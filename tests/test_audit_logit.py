@@ -14,28 +14,38 @@ import torch
 from spectral_guard.cli.main import app
 from typer.testing import CliRunner
 
-from spectral_guard.audit_logit import candidate_pairs, exact_head_scales
-from spectral_guard.auditing import audit
-from spectral_guard.thresholds import load_thresholds
+from spectral_guard.audit import audit
+from spectral_guard.audit.logit import candidate_pairs, exact_head_scales, typical_head_scales
+from spectral_guard.thresholds import Rule, Thresholds, load_thresholds
 
 transformers = pytest.importorskip("transformers")
 
 runner = CliRunner()
 
 
-def explicit_bounds(Wq: torch.Tensor, Wk: torch.Tensor, heads: int, kv: int) -> list[float]:
-    """``max sigma(W_q,h^T W_k,h) / sqrt(d_h) * n`` per head from the explicit ``n x n``
-    product's SVD in numpy float64 (``Wq``: ``heads*d_h x n``, ``Wk``: ``kv*d_h x n``)."""
+def explicit_products(Wq: torch.Tensor, Wk: torch.Tensor, heads: int, kv: int
+                      ) -> list[np.ndarray]:
+    """The explicit ``n x n`` products ``W_q,h^T W_k,h / sqrt(d_h)`` in numpy float64
+    (``Wq``: ``heads*d_h x n``, ``Wk``: ``kv*d_h x n``)."""
     q = Wq.detach().double().numpy()
     k = Wk.detach().double().numpy()
-    n = q.shape[1]
     d_h = q.shape[0] // heads
     out = []
     for h in range(heads):
         j = h // (heads // kv)
-        M = q[h * d_h:(h + 1) * d_h].T @ k[j * d_h:(j + 1) * d_h]
-        out.append(float(np.linalg.svd(M, compute_uv=False)[0]) / math.sqrt(d_h) * n)
+        out.append(q[h * d_h:(h + 1) * d_h].T @ k[j * d_h:(j + 1) * d_h] / math.sqrt(d_h))
     return out
+
+
+def explicit_bounds(Wq: torch.Tensor, Wk: torch.Tensor, heads: int, kv: int) -> list[float]:
+    """``sigma_max(W_q,h^T W_k,h) / sqrt(d_h) * n`` per head (numpy SVD of the product)."""
+    return [float(np.linalg.svd(M, compute_uv=False)[0]) * M.shape[0]
+            for M in explicit_products(Wq, Wk, heads, kv)]
+
+
+def explicit_typical(Wq: torch.Tensor, Wk: torch.Tensor, heads: int, kv: int) -> list[float]:
+    """``||W_q,h^T W_k,h||_F / sqrt(d_h)`` per head (numpy Frobenius norm of the product)."""
+    return [float(np.linalg.norm(M)) for M in explicit_products(Wq, Wk, heads, kv)]
 
 
 @pytest.mark.parametrize("d_h,n", [(4, 32), (8, 8), (16, 6)])
@@ -52,6 +62,33 @@ def test_exact_head_scales_match_explicit_svd(d_h: int, n: int) -> None:
     got32 = exact_head_scales(Wq.float(), Wk.float())
     assert got32.dtype == torch.float64
     torch.testing.assert_close(got32, got, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("d_h,n", [(4, 32), (8, 8), (16, 6)])
+def test_typical_head_scales_match_explicit_frobenius(d_h: int, n: int) -> None:
+    g = torch.Generator().manual_seed(d_h * 10 + n)
+    Wq = torch.randn(3, d_h, n, generator=g, dtype=torch.float64)
+    Wk = torch.randn(3, d_h, n, generator=g, dtype=torch.float64) * 3
+    got = typical_head_scales(Wq, Wk)
+    ref = explicit_typical(Wq.reshape(-1, n), Wk.reshape(-1, n), 3, 3)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12)
+    assert typical_head_scales(Wq.float(), Wk.float()).dtype == torch.float64
+
+
+def test_typical_scale_is_the_rms_logit_of_isotropic_inputs() -> None:
+    # what the statistic means: x, y independent with E[x x^T] = I (unit RMS) give logits
+    # x^T W_q^T W_k y / sqrt(d_h) whose RMS is tau; Monte Carlo with 200k pairs
+    g = torch.Generator().manual_seed(0)
+    d_h, n = 8, 48
+    Wq = torch.randn(1, d_h, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    Wk = torch.randn(1, d_h, n, generator=g, dtype=torch.float64) * 4 / math.sqrt(n)
+    x = torch.randn(200_000, n, generator=g, dtype=torch.float64)
+    y = torch.randn(200_000, n, generator=g, dtype=torch.float64)
+    logits = ((x @ Wq[0].T) * (y @ Wk[0].T)).sum(1) / math.sqrt(d_h)
+    rms = float(logits.pow(2).mean().sqrt())
+    assert rms == pytest.approx(float(typical_head_scales(Wq, Wk)[0]), rel=0.02)
+    # the worst case is far above the typical logit (here by more than 10x)
+    assert float(exact_head_scales(Wq, Wk)[0]) * n > 10 * rms
 
 
 def _llama(tmp_path: Path, scale: float = 1.0) -> tuple[Path, torch.nn.Module]:
@@ -86,19 +123,25 @@ def test_pairs_llama_checkpoint_gqa(llama) -> None:
     assert rep.logit_pairs == 2 and rep.logit_notes == []
     res = _by_name(rep)
     for i, layer in enumerate(model.model.layers):
-        ref = explicit_bounds(layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, 6, 2)
+        Wq, Wk = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
+        ref = explicit_bounds(Wq, Wk, 6, 2)
+        typ = explicit_typical(Wq, Wk, 6, 2)
         for proj in ("q_proj", "k_proj"):
             m = res[f"model.layers.{i}.self_attn.{proj}.weight"]
             assert m.logit_pair == f"model.layers.{i}.self_attn"
             np.testing.assert_allclose(m.logit_head_scales, ref, rtol=1e-6)
             assert m.logit_scale == pytest.approx(max(ref), rel=1e-6)
-            assert m.logit_head == int(np.argmax(ref))
+            np.testing.assert_allclose(m.logit_head_typical, typ, rtol=1e-6)
+            assert m.logit_typical == pytest.approx(max(typ), rel=1e-6)
+            assert m.logit_head == int(np.argmax(typ))
         assert res[f"model.layers.{i}.self_attn.v_proj.weight"].logit_scale is None
     # the live model (module attributes) gives the same values
     live = _by_name(audit(model, mode="exact"))
-    for name, m in res.items():
-        if m.logit_scale is not None:
-            assert live[name].logit_scale == pytest.approx(m.logit_scale, rel=1e-6)
+    paired = [name for name, m in res.items() if m.logit_scale is not None]
+    assert len(paired) == 4
+    for name in paired:
+        assert live[name].logit_scale == pytest.approx(res[name].logit_scale, rel=1e-6)
+        assert live[name].logit_typical == pytest.approx(res[name].logit_typical, rel=1e-6)
 
 
 def test_pairs_gpt2_fused_conv1d(tmp_path) -> None:
@@ -124,21 +167,37 @@ def test_candidate_pairs_patterns() -> None:
 
 
 def test_logit_risk_fires_on_scaled_qk_not_on_healthy(tmp_path) -> None:
-    limit = load_thresholds(None).rule_for("model.layers.0.self_attn.q_proj.weight")
-    assert limit.logit_scale_max is not None
+    rule = load_thresholds(None).rule_for("model.layers.0.self_attn.q_proj.weight")
+    assert rule.logit_typical_max is not None
+    assert rule.logit_scale_max is None  # the worst-case bound grows with n: no shipped ceiling
     healthy = audit(_llama(tmp_path)[0])
     assert all(m.status != "logit_risk" for m in healthy.matrices)
-    assert max(m.logit_scale or 0 for m in healthy.matrices) < limit.logit_scale_max
+    assert 0 < max(m.logit_typical or 0 for m in healthy.matrices) < rule.logit_typical_max
+    # q and k scaled by 60: every product by 3600
     stressed = audit(_llama(tmp_path, scale=60.0)[0])
     risky = {m.name for m in stressed.matrices if m.status == "logit_risk"}
     assert risky == {f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1)
                      for p in ("q_proj", "k_proj")}
     m = _by_name(stressed)["model.layers.0.self_attn.q_proj.weight"]
-    assert m.reasons and m.reasons[0].startswith("q-k logit bound")
+    assert m.reasons and m.reasons[0].startswith("typical q-k logit")
+    h = _by_name(healthy)["model.layers.0.self_attn.q_proj.weight"]
+    assert m.logit_typical == pytest.approx(3600 * h.logit_typical, rel=1e-6)
     # not in the default policy
     assert stressed.exit_code == 0
     assert stressed.status_counts()["logit_risk"] == 4
     assert audit(_llama(tmp_path, scale=60.0)[0], fail_on=("logit_risk",)).exit_code == 1
+
+
+def test_worst_case_ceiling_only_when_a_thresholds_file_sets_one(llama) -> None:
+    folder, _ = llama
+    base = audit(folder)
+    bound = max(m.logit_scale for m in base.matrices if m.logit_scale is not None)
+    assert all(m.status != "logit_risk" for m in base.matrices)
+    ceiling = Thresholds(Rule(logit_scale_max=bound * 0.99), (), {})
+    capped = audit(folder, thresholds=ceiling)
+    flagged = [m for m in capped.matrices if m.status == "logit_risk"]
+    assert len(flagged) == 2  # the q and k of the pair that reaches the bound
+    assert flagged[0].reasons[0].startswith("q-k logit bound")
 
 
 def test_skip_note_without_head_count(llama) -> None:
@@ -154,8 +213,35 @@ def test_skip_note_without_head_count(llama) -> None:
     assert with_heads.logit_pairs == 2 and with_heads.logit_notes == []
     wrong = audit(folder, heads=5)  # 48 query rows do not split into 5 heads
     assert wrong.logit_pairs == 0 and "not measured" in wrong.logit_notes[0]
-    with pytest.raises(ValueError, match="--heads"):
-        audit(folder, heads=0)
+    assert "5 heads from the given head count" in wrong.logit_notes[0]
+    assert rep.logit_needs_heads and not wrong.logit_needs_heads
+    # library messages do not name command-line flags
+    assert not any("--" in n or "heads=" in n for n in rep.logit_notes + wrong.logit_notes)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="head count must be a positive integer") as err:
+            audit(folder, heads=bad)
+        assert "--" not in str(err.value)
+
+
+def test_nonfinite_key_weight_is_noted_not_silently_dropped(tmp_path) -> None:
+    folder, _ = _llama(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    sd["model.layers.1.self_attn.k_proj.weight"][3, 5] = float("nan")
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    rep = audit(folder)
+    assert rep.logit_pairs == 1
+    note = next(n for n in rep.logit_notes if "NaN/Inf" in n)
+    assert "model.layers.1.self_attn" in note
+    res = _by_name(rep)
+    assert res["model.layers.1.self_attn.k_proj.weight"].status == "nonfinite"
+    assert res["model.layers.1.self_attn.q_proj.weight"].logit_scale is None
+    assert res["model.layers.0.self_attn.q_proj.weight"].logit_scale is not None
+    # the same from a live model
+    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    live = audit(model)
+    assert live.logit_pairs == 1 and any("NaN/Inf" in n for n in live.logit_notes)
 
 
 def test_state_dict_needs_heads(llama) -> None:
@@ -183,7 +269,8 @@ def test_cli(tmp_path) -> None:
     assert "qk logit" in r.stdout
     (folder / "config.json").unlink()
     r = runner.invoke(app, ["audit", str(folder), "--no-progress"])
-    assert r.exit_code == 0 and "no head count" in r.stdout.replace("\n", " ")
+    out = r.stdout.replace("\n", " ")
+    assert r.exit_code == 0 and "no head count" in out and "--heads N" in out
     r = runner.invoke(app, ["audit", str(folder), "--heads", "6", "--fail-on", "logit_risk",
                             "--no-progress"])
     assert r.exit_code == 1, r.output

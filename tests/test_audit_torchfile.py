@@ -15,7 +15,7 @@ from audit_fixtures import gaussian_matrices, tiny_models, write_sharded
 from safetensors.torch import save_file
 from test_cli_audit import assert_input_error, run
 
-from spectral_guard.auditing import audit
+from spectral_guard.audit import audit
 from spectral_guard.checkpoint import CheckpointError, TensorStream, open_checkpoint
 from spectral_guard.checkpoint.torchfile import load_torch_file
 

@@ -16,7 +16,7 @@ from spectral_guard.cli.common import EXIT_INTERNAL, EXIT_INTERRUPTED
 from spectral_guard.cli.main import app
 from typer.testing import CliRunner
 
-import spectral_guard.auditing
+import spectral_guard.audit
 import spectral_guard.calibration
 from spectral_guard.verdict import STATUSES
 
@@ -85,7 +85,7 @@ def test_ctrl_c_exits_130_with_one_line(command, monkeypatch, tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    target = spectral_guard.auditing if command == "audit" else spectral_guard.calibration
+    target = spectral_guard.audit if command == "audit" else spectral_guard.calibration
     monkeypatch.setattr(target, command if command == "calibrate" else "audit", interrupted)
     extra = ["-o", tmp_path / "t.json"] if command == "calibrate" else []
     one_line_error(cli(command, EXAMPLE, *extra), EXIT_INTERRUPTED, "interrupted")
@@ -97,7 +97,7 @@ def test_internal_error_exit_3_traceback_only_with_debug(command, monkeypatch, t
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    target = spectral_guard.auditing if command == "audit" else spectral_guard.calibration
+    target = spectral_guard.audit if command == "audit" else spectral_guard.calibration
     monkeypatch.setattr(target, command if command == "calibrate" else "audit", broken)
     extra = ["-o", tmp_path / "t.json"] if command == "calibrate" else []
     err = one_line_error(cli(command, EXAMPLE, *extra), EXIT_INTERNAL, "internal error")
@@ -112,7 +112,7 @@ def test_internal_error_exit_3_traceback_only_with_debug(command, monkeypatch, t
 
 def test_csv_path_is_checked_before_the_audit_starts(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(spectral_guard.auditing, "audit", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(spectral_guard.audit, "audit", lambda *a, **k: calls.append(a))
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     one_line_error(cli("audit", EXAMPLE, "--csv", blocker / "r.csv"), 2, "--csv")
@@ -160,7 +160,7 @@ def test_first_screen_is_clean_without_numpy():
 
 def test_real_ctrl_c_in_a_real_process():
     code = ("import sys, time\n"
-            "import spectral_guard.auditing as a\n"
+            "import spectral_guard.audit as a\n"
             "def slow(*args, **kwargs):\n"
             "    print('started', file=sys.stderr, flush=True); time.sleep(60)\n"
             "a.audit = slow\n"

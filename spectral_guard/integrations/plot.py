@@ -83,7 +83,7 @@ def _finite(x: float | None) -> bool:
 
 
 def plot_audit(report: Any, path: str | Path, title: str | None = None) -> Path:
-    """Draw an audit :class:`~spectral_guard.auditing.Report` by depth; returns ``path``.
+    """Draw an audit :class:`~spectral_guard.audit.Report` by depth; returns ``path``.
 
     Panels: stable-rank ratio ``SR / min(m, n)``, effective-rank ratio ``erank / min(m, n)``,
     condition number (log scale). One point per matrix, in depth order (the first number in
