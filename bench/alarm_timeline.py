@@ -4,7 +4,7 @@ At the end of every ``msign_every``-step window of a ``guard_default`` run (afte
 step, so after any sign of that step) it prints:
 
 * ``treated``: the fraction of penalized layers treated for collapse (``lambda_collapse > 0``),
-  the quorum half of the alarm before its fall rule (``Guard._collapse_treated``); the
+  the quorum half of the alarm before its fall rule (``signs.collapse_treated``); the
   thermostat lets ``lambda`` decay over several healthy checks, so this is a latched signal;
 * ``fresh``: the fraction of penalized layers whose latest check fell inside the window and read
   collapsed (``judge(...).triggered["collapse"]``): collapse as it is measured now;
@@ -33,21 +33,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import efficacy as E  # noqa: E402
 from efficacy_variants import fresh_collapses  # noqa: E402
 
+from spectral_guard.guard.signs import collapse_treated  # noqa: E402
+
 
 def window_row(guard) -> dict:
     """The alarm's inputs at the end of a window (host values only)."""
-    treated, penalized = guard._collapse_treated(sudden=False)
+    treated, penalized = collapse_treated(guard.layers, guard.config, sudden=False)
     fresh, _ = fresh_collapses(guard, guard.global_step - guard.config.msign_every)
-    attention = guard._attention
+    attention = guard.attention
     attn = max([st.scale / st.target for st in attention.states] or [0.0]) if attention else 0.0
     n = max(1, penalized)
-    retention = [layer.state.readings.effective_rank_retention for layer in guard._layers
+    retention = [layer.state.readings.effective_rank_retention for layer in guard.layers
                  if layer.sensors]
     retention = sorted(r for r in retention if r == r)   # latest readings, NaN before any
     low = retention[len(retention) // 4] if retention else float("nan")
     return {"step": guard.global_step, "treated": len(treated) / n, "fresh": fresh / n,
-            "low": low, "attn": attn, "signs": sum(layer.state.msigns for layer in guard._layers),
-            "lr_scale": guard._backoff.scale}
+            "low": low, "attn": attn, "signs": sum(layer.state.msigns for layer in guard.layers),
+            "lr_scale": guard.backoff.scale}
 
 
 def timeline(job: tuple[float, int, int, tuple[int, ...]]) -> dict:

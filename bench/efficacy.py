@@ -383,10 +383,7 @@ def guard_kwargs(method: str) -> dict:
 
 
 def _find_attention_guard(guard: object) -> AttentionGuard | None:
-    for value in vars(guard).values():
-        if isinstance(value, AttentionGuard):
-            return value
-    return None
+    return getattr(guard, "attention", None)
 
 
 def run(spec: RunSpec) -> dict:

@@ -56,7 +56,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import efficacy as E  # noqa: E402
 
+from spectral_guard.guard.backoff import LRBackoff  # noqa: E402
+from spectral_guard.guard.config import GuardConfig  # noqa: E402
 from spectral_guard.guard.msign import msign_  # noqa: E402
+from spectral_guard.guard.signs import collapse_treated  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "t32": {"kw": {"attention_max_scale": 32 / 96}},
@@ -98,17 +101,19 @@ def _patch(variant: dict):
     extra, post = variant.get("kw", {}), variant.get("post")
 
     def instrument(model, **kw):
-        guard = original(model, **{**kw, **extra})
+        policies: dict = {}
+        if variant.get("per_quorum"):
+            policies["backoff"] = PerQuorumBackoff()
+        if variant.get("fresh_alarm"):
+            policies["alarm"] = FreshAlarm()
+        guard = original(model, **{**kw, **extra}, **policies)
+        if variant.get("per_quorum"):
+            policies["backoff"].guard = guard
         if variant.get("sticky"):
             def stick(optimizer, args, kwargs):
-                if any(layer.state.msigns for layer in guard._layers):
+                if any(layer.state.msigns for layer in guard.layers):
                     guard.config = replace(guard.config, msign_gate="always")
             _HANDLES.append(register_optimizer_step_post_hook(stick))
-        if variant.get("per_quorum"):
-            guard._backoff.on_alarm = lambda: _per_quorum_backoff(guard)
-        if variant.get("fresh_alarm"):
-            seen = {"signs": 0, "at": -1}
-            guard._alarm = lambda: _fresh_alarm(guard, seen)   # instance attribute: this run
         if "lr_hook" in variant:
             _lr_hook(guard, *variant["lr_hook"])
         if post is None:
@@ -137,18 +142,26 @@ def _patch(variant: dict):
     return original
 
 
-def _per_quorum_backoff(guard) -> None:
-    """``s <- max(floor, min(s, factor ** k))`` with ``k = max(1, floor(f / quorum))``, ``f``
-    the fraction of penalized layers treated for collapse at this alarmed sign."""
-    import math
+class PerQuorumBackoff(LRBackoff):
+    """The guard's back-off (default factor and floor) with ``s <- max(floor, min(s,
+    factor ** k))``, ``k = max(1, floor(f / quorum))``, ``f`` the fraction of penalized layers
+    treated for collapse at this alarmed sign (``guard`` is set once instrumented)."""
 
-    b, quorum = guard._backoff, guard.config.msign_quorum
-    treated, penalized = guard._collapse_treated(sudden=False)
-    f = len(treated) / max(1, penalized)
-    k = max(1, math.floor(f / quorum + 1e-9))
-    scaled = max(b.floor, min(b.scale, b.factor ** k))
-    if scaled < b.scale:
-        b.scale, b.backoffs = scaled, b.backoffs + 1
+    def __init__(self) -> None:
+        config = GuardConfig()
+        super().__init__(config.lr_backoff, config.lr_floor)
+        self.guard = None
+
+    def on_alarm(self) -> None:
+        import math
+
+        guard = self.guard
+        treated, penalized = collapse_treated(guard.layers, guard.config, sudden=False)
+        f = len(treated) / max(1, penalized)
+        k = max(1, math.floor(f / guard.config.msign_quorum + 1e-9))
+        scaled = max(self.floor, min(self.scale, self.factor ** k))
+        if scaled < self.scale:
+            self.scale, self.backoffs = scaled, self.backoffs + 1
 
 
 def fresh_collapses(guard, since: int) -> tuple[int, int]:
@@ -156,7 +169,7 @@ def fresh_collapses(guard, since: int) -> tuple[int, int]:
     (``judge``'s collapse trigger on their latest readings), and how many are penalized."""
     from spectral_guard.guard.check import judge
 
-    penalized = [layer for layer in guard._layers if layer.sensors]
+    penalized = [layer for layer in guard.layers if layer.sensors]
     fresh = sum(layer.state.last_checked_step > since
                 and judge(layer.state.readings, layer.sensors, layer.rule, layer.min_dim,
                           guard.config.collapse_rule).triggered["collapse"]
@@ -164,17 +177,23 @@ def fresh_collapses(guard, since: int) -> tuple[int, int]:
     return fresh, len(penalized)
 
 
-def _fresh_alarm(guard, seen: dict) -> bool:
-    """``Guard._alarm`` with the quorum counted on the readings taken in the last window and
-    after the last sign (``seen`` remembers when the sign count last changed)."""
-    if guard._attention is not None and guard._attention.alarm(guard.config.msign_alarm):
-        return True
-    signs = sum(layer.state.msigns for layer in guard._layers)
-    if signs != seen["signs"]:
-        seen.update(signs=signs, at=guard.global_step)
-    fresh, penalized = fresh_collapses(
-        guard, max(seen["at"], guard.global_step - guard.config.msign_every))
-    return penalized > 0 and fresh >= guard.config.msign_quorum * penalized
+class FreshAlarm:
+    """An alarm policy: the default alarm with the quorum counted on the readings taken in
+    the last window and after the last sign (it remembers when the sign count last
+    changed)."""
+
+    def __init__(self) -> None:
+        self.signs, self.at = 0, -1
+
+    def __call__(self, guard) -> bool:
+        if guard.attention is not None and guard.attention.alarm(guard.config.msign_alarm):
+            return True
+        signs = sum(layer.state.msigns for layer in guard.layers)
+        if signs != self.signs:
+            self.signs, self.at = signs, guard.global_step
+        fresh, penalized = fresh_collapses(
+            guard, max(self.at, guard.global_step - guard.config.msign_every))
+        return penalized > 0 and fresh >= guard.config.msign_quorum * penalized
 
 
 def _lr_hook(guard, factor: float, floor: float) -> None:
@@ -183,13 +202,11 @@ def _lr_hook(guard, factor: float, floor: float) -> None:
     the guard's alarm is raised."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from spectral_guard.guard.backoff import LRBackoff
-
     backoff = LRBackoff(factor, floor)
 
     def post(optimizer, args, kwargs):
         backoff.after_step()
-        if guard.global_step % 10 == 0 and guard._alarm():
+        if guard.global_step % 10 == 0 and guard.signs.alarm(guard):
             backoff.on_alarm()
 
     _HANDLES.append(register_optimizer_step_pre_hook(

@@ -4,6 +4,7 @@ optimizer step (float and tensor ``lr``), the alarm that drives it, and its stat
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_the_step_is_scaled_and_every_lr_put_back_float_and_tensor():
 
 def _force_alarm(guard) -> None:
     """What the alarm does at a signing step (the real alarm: test_the_alarm_backs_off...)."""
-    guard._backoff.on_alarm()
+    guard.backoff.on_alarm()
 
 
 def test_a_backed_off_guard_steps_like_plain_training_at_the_scaled_lr():
@@ -164,3 +165,91 @@ def test_scale_lives_in_the_guard_state_and_copies():
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         spectral_guard.instrument(_model(), **kw)
+
+
+class _RaisingAdamW(torch.optim.AdamW):
+    """A real optimizer whose step raises when told to (a NaN check, an out-of-memory error)
+    after reading its lr: the guard's post-hook never runs."""
+
+    def __init__(self, params, **kw) -> None:
+        super().__init__(params, **kw)
+        self.fail = False
+        self.seen: list[float] = []
+
+    def step(self, closure=None):
+        self.seen.append(self.param_groups[0]["lr"])
+        if self.fail:
+            raise FloatingPointError("non-finite gradient")
+        return super().step(closure)
+
+
+def _raise_once(guard, model, opt, batch) -> None:
+    x, y = batch
+    model(x, y)["loss"].backward()
+    opt.fail = True
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    opt.fail = False
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("then", ["forward", "step", "remove", "stats"])
+def test_a_step_that_raises_leaves_the_lr_scaled_only_until_the_guard_next_runs(then):
+    """lr 0.05, back-off scale 0.5: the raising step saw 0.025; the lr is 0.05 again at the
+    next touch point (training forward, next step's pre-hook, stats(), remove()) and the scale
+    never compounds (the next step sees 0.025, not 0.0125)."""
+    model = _model()
+    guard = spectral_guard.instrument(model, attention=False, msign_every=0)
+    _force_alarm(guard)                                               # s = 0.5
+    opt = _RaisingAdamW(model.parameters(), lr=0.05)
+    batches = _batches(4)
+    _raise_once(guard, model, opt, batches[0])
+    _raise_once(guard, model, opt, batches[1])                        # twice: no compounding
+    assert opt.seen == [0.025, 0.025]
+    if then == "forward":
+        x, y = batches[2]
+        model(x, y)
+        assert opt.param_groups[0]["lr"] == 0.05
+    elif then == "stats":
+        guard.stats()
+        assert opt.param_groups[0]["lr"] == 0.05
+    elif then == "step":
+        x, y = batches[2]
+        model(x, y)["loss"].backward()
+        opt.step()
+        assert opt.seen[-1] == 0.025 and opt.param_groups[0]["lr"] == 0.05
+    else:
+        guard.remove()
+        assert opt.param_groups[0]["lr"] == 0.05
+        x, y = batches[2]
+        model(x, y)["loss"].backward()
+        opt.step()                                                    # unguarded: unscaled
+        assert opt.seen[-1] == 0.05 and opt.param_groups[0]["lr"] == 0.05
+
+
+def test_a_value_set_by_someone_else_after_a_raising_step_is_kept():
+    model = _model()
+    guard = spectral_guard.instrument(model, attention=False, msign_every=0)
+    _force_alarm(guard)
+    opt = _RaisingAdamW(model.parameters(), lr=0.05)
+    _raise_once(guard, model, opt, _batches(1)[0])
+    opt.param_groups[0]["lr"] = 0.01            # e.g. the user's own schedule after the error
+    guard.stats()
+    assert opt.param_groups[0]["lr"] == 0.01
+
+
+def test_a_second_optimizer_on_guarded_weights_warns_once():
+    model = _model()
+    guard = spectral_guard.instrument(model, attention=False, msign_every=0)
+    params = list(model.parameters())
+    a = torch.optim.SGD(params[: len(params) // 2], lr=0.01)
+    b = torch.optim.SGD(params[len(params) // 2:], lr=0.01)
+    x, y = _batches(1)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model(x, y)["loss"].backward()
+            a.step()
+            b.step()
+    twice = [w for w in caught if "two optimizers" in str(w.message)]
+    assert len(twice) == 1 and guard.global_step == 6

@@ -250,7 +250,7 @@ def test_compiled_optimizer_step_runs_the_guard_eagerly_without_recompiles():
     for compiled in (False, True):
         model = seeded_model(0, n_layers=2, d=32, seq=16)
         guard = spectral_guard.instrument(model, ratio=0.5)
-        guard._backoff.on_alarm()   # a backed-off guard: the pre-hook scales every step
+        guard.backoff.on_alarm()   # a backed-off guard: the pre-hook scales every step
         opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-2))
 
         def step(opt=opt):

@@ -35,9 +35,10 @@ Actuators (``GuardConfig.attention_actuator``; ``"penalty"`` is the default, cho
 
 Pairing: :func:`spectral_guard.attention_pairs.find_pairs` (shared with the audit).
 
-Timing: readings of the pairs sampled at the advance to step ``s`` are copied to host memory
-(pinned + ``non_blocking`` + a CUDA event on GPU) and read at the advance to ``s + 1``, as the
-main guard's checks are: a fixed one-step lag, so runs are deterministic and resumable.
+Timing: the readings of the pairs sampled at the advance to step ``s`` go through the guard's
+async check protocol (:mod:`.protocol`: in the same packed copy as the layer checks, read on
+the worker thread) and are applied at the advance to ``s + 1``, as the layer checks are: a
+fixed one-step lag, so runs are deterministic and resumable.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import torch.nn as nn
 
 from ..attention_pairs import AttentionPair, find_pairs
 from ..estimators import name_seed, no_autocast
+from .protocol import AsyncChecks, HostFn, Packer, Slot
 from .sampling import LayerSchedule, check_index
 from .thermostat import ceiling_severity, update_lambda
 
@@ -138,12 +140,12 @@ class PairState:
     head_scales: list[float] = field(default_factory=list)
 
 
-@dataclass
-class _Pending:
+@dataclass(frozen=True)
+class Launched:
+    """The pairs whose readings a launch put into the shipment, in order."""
+
     step: int
     pairs: list[int]
-    host: Tensor
-    event: Any = None
 
 
 class AttentionGuard:
@@ -157,11 +159,16 @@ class AttentionGuard:
             ``lambda_floor`` for the thermostat).
         layer_names: the main guard's instrumented layers (kept for reports; the pairs are found
             by :func:`find_pairs` whether or not their projections are instrumented).
+        checks: the guard's :class:`~.protocol.AsyncChecks` (the guard then drives the cycle
+            with :meth:`launch` and :meth:`apply`); ``None``: its own, driven by
+            :meth:`on_step`.
     """
 
     BASELINE_ITERS = 30
+    NAME = "attention"
 
-    def __init__(self, model: nn.Module, config: Any, layer_names: Sequence[str] = ()) -> None:
+    def __init__(self, model: nn.Module, config: Any, layer_names: Sequence[str] = (),
+                 checks: AsyncChecks | None = None) -> None:
         self.model = model
         self.config = config
         self.layer_names = list(layer_names)
@@ -182,7 +189,9 @@ class AttentionGuard:
             self._u.append((u / u.norm(dim=-1, keepdim=True)).to(dev, dt))
             self._v.append((v / v.norm(dim=-1, keepdim=True)).to(dev, dt))
         self._schedule = LayerSchedule(len(self.pairs), config.ratio, config.seed + 7919)
-        self._pending: _Pending | None = None
+        self._owns_checks = checks is None
+        self.checks = AsyncChecks() if checks is None else checks
+        self._launched: Launched | None = None
         self._rescaled: Tensor | int = 0  # device counter of (pair, step) rescales
         self._step = 0
         with torch.no_grad():
@@ -192,7 +201,8 @@ class AttentionGuard:
                 if max_scale is None and math.isfinite(self.states[i].baseline):
                     self.states[i].target = max(self.states[i].target,
                                                 BASELINE_MARGIN * self.states[i].baseline)
-        self._launch(0, act=False)
+        if self._owns_checks:
+            self._cycle(0, act=False)
 
     # -- device half ---------------------------------------------------------------------------
 
@@ -211,17 +221,21 @@ class AttentionGuard:
             self._v[i].copy_(v)
         return sigma / math.sqrt(p.head_dim)
 
-    def _launch(self, step: int, act: bool = True) -> None:
+    def launch(self, step: int, packer: Packer, act: bool = True) -> HostFn | None:
+        """Device half at the advance to ``step``: power iterations of the sampled and treated
+        pairs (every pair, and the rescale itself, for that actuator), the sampled pairs'
+        scales put into ``packer``. Returns the host half (``None`` when nothing is sampled)."""
         check = check_index(step, self.config.every)
         sampled = set(self._schedule.layers_for_check(check)) if check is not None else set()
-        iters = self.config.power_iters
-        if act and self.actuator == "rescale":
-            iters = max(iters, RESCALE_ITERS)
-        parts: list[Tensor] = []
+        rescale = act and self.actuator == "rescale"
+        iters = max(self.config.power_iters, RESCALE_ITERS) if rescale else \
+            self.config.power_iters
+        if rescale:
+            packer.freeze()   # the rescale writes weights whose views may have been put
+        slots: list[Slot] = []
         order: list[int] = []
         with torch.no_grad():
             for i, p in enumerate(self.pairs):
-                rescale = act and self.actuator == "rescale"
                 if not (i in sampled or rescale or self.states[i].lam > 0):
                     continue
                 s = self._power(i, iters)
@@ -233,30 +247,20 @@ class AttentionGuard:
                     self._rescaled = self._rescaled + hit.to(torch.int64)
                 if i in sampled:
                     order.append(i)
-                    parts.append(s.float().to(parts[0].device if parts else s.device))
-        self._pending = None
-        if parts:
-            flat = torch.cat(parts)
-            if flat.device.type == "cuda":
-                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-                host.copy_(flat, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                self._pending = _Pending(step, order, host, event)
-            else:
-                self._pending = _Pending(step, order, flat.clone())
+                    slots.append(packer.put(s.float()))
+        self._launched = Launched(step, order) if order else None
+        if not slots:
+            return None
+        return lambda shipment: [x for slot in slots for x in shipment.read(slot).tolist()]
 
-    # -- host half -----------------------------------------------------------------------------
-
-    def _apply_due(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
+    def apply(self, values: list[float] | None) -> None:
+        """Host half's result of the last launch (``None``: nothing was launched): the
+        thermostat update of the pairs it read."""
+        launched, self._launched = self._launched, None
+        if launched is None or values is None:
             return
-        if pending.event is not None:
-            pending.event.synchronize()  # recorded a step ago: done by now in a normal loop
-        values = pending.host.tolist()
         at = 0
-        for i in pending.pairs:
+        for i in launched.pairs:
             p, st = self.pairs[i], self.states[i]
             heads = values[at:at + p.n_heads]
             at += p.n_heads
@@ -264,7 +268,7 @@ class AttentionGuard:
             st.head_scales = heads
             st.scale = max(finite) if finite else math.nan
             st.checks += 1
-            st.last_checked_step = pending.step
+            st.last_checked_step = launched.step
             fired = finite != [] and st.scale > st.target
             st.interventions += int(fired)
             if self.actuator == "penalty":
@@ -272,12 +276,20 @@ class AttentionGuard:
                 st.lam = update_lambda(st.lam, fired, sev, self.lambda_base, self.config.gain,
                                        self.config.decay, self.config.lambda_floor)
 
+    def _cycle(self, step: int, act: bool = True) -> None:
+        """One cycle of the protocol on this component's own checks (standalone use)."""
+        inflight = self.checks.collect()
+        self.apply(None if inflight is None else inflight.result().get(self.NAME))
+        packer = Packer()
+        host = self.launch(step, packer, act)
+        self.checks.launch(step, packer, {self.NAME: host} if host else {})
+
     def on_step(self, step: int) -> None:
-        """Clock advance to ``step``: apply the readings launched at ``step - 1`` (thermostat),
-        then launch this step's power iterations (and rescale, for that actuator)."""
+        """Clock advance to ``step`` (standalone): apply the readings launched at
+        ``step - 1`` (thermostat), then launch this step's power iterations (and rescale, for
+        that actuator). Driven by a guard, the guard calls :meth:`apply` and :meth:`launch`."""
         self._step = int(step)
-        self._apply_due()
-        self._launch(self._step)
+        self._cycle(self._step)
 
     def alarm(self, factor: float = 1.0) -> bool:
         """Is any pair's latest scale over ``factor`` times its target?"""
@@ -329,12 +341,11 @@ class AttentionGuard:
     def state_dict(self) -> dict[str, Any]:
         """Host state per pair, the power-iteration vectors and the readings in flight."""
         pending = None
-        if self._pending is not None:
-            if self._pending.event is not None:
-                self._pending.event.synchronize()
-            pending = {"step": self._pending.step,
-                       "pairs": [self.pairs[i].name for i in self._pending.pairs],
-                       "values": self._pending.host.clone()}
+        inflight = self.checks.pending(self.NAME)
+        if inflight is not None and self._launched is not None:
+            pending = {"step": self._launched.step,
+                       "pairs": [self.pairs[i].name for i in self._launched.pairs],
+                       "values": torch.tensor(inflight[1], dtype=torch.float32)}
         return {
             "version": 1,
             "step": self._step,
@@ -363,13 +374,18 @@ class AttentionGuard:
         self._step = int(state["step"])
         self._rescaled = int(state.get("rescales", 0))
         pending = state.get("pending")
-        self._pending = None if pending is None else _Pending(
-            int(pending["step"]), [names.index(n) for n in pending["pairs"]],
-            pending["values"].clone())
+        self._launched = None
+        if pending is not None:
+            self._launched = Launched(int(pending["step"]),
+                                      [names.index(n) for n in pending["pairs"]])
+            self.checks.restore(int(pending["step"]), self.NAME,
+                                [float(x) for x in pending["values"].tolist()])
 
     def remove(self) -> None:
         """Drop device state (the component installs no hooks)."""
-        self._pending = None
+        self._launched = None
+        if self._owns_checks:
+            self.checks.shutdown()
         self._u, self._v = [], []
         self.pairs, self.states = [], []
 

@@ -15,6 +15,12 @@ the optimizer the guard follows by a scale ``s``:
 in a run (it is part of the guard's ``state_dict``). A tensor ``lr`` (capturable optimizers) is
 scaled and restored in place, on its device, without a host read.
 
+A step that raises (a NaN check, an out-of-memory error) never reaches the post-hook: the
+scaled ``lr`` is put back at the next of the guard's touch points (:meth:`LRBackoff.recover`:
+the next training forward, the next step's pre-hook, ``stats()``, ``state_dict()``,
+``remove()``), keyed by the value the guard set (a value someone else set since is kept), so
+the scale never compounds.
+
 Example:
     >>> backoff = LRBackoff(factor=0.5, floor=0.25)
     >>> backoff.on_alarm(); backoff.scale
@@ -41,7 +47,7 @@ class LRBackoff:
         self.floor = float(floor)
         self.scale = 1.0
         self.backoffs = 0
-        self._saved: list[tuple[dict[str, Any], Any]] = []
+        self._saved: list[tuple[dict[str, Any], Any, Any]] = []   # group, original, set
 
     @property
     def enabled(self) -> bool:
@@ -56,27 +62,39 @@ class LRBackoff:
             self.backoffs += 1
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Scale every param group's ``lr`` by ``s`` (nothing when ``s == 1``)."""
-        self._saved = []
+        """Scale every param group's ``lr`` by ``s`` (nothing when ``s == 1``), after putting
+        back what a step that raised left scaled."""
+        self.recover()
         if self.scale == 1.0:
             return
         for group in optimizer.param_groups:
             lr = group.get("lr")
             if isinstance(lr, torch.Tensor):
-                self._saved.append((group, lr.detach().clone()))
+                self._saved.append((group, lr.detach().clone(), lr))
                 lr.data.mul_(self.scale)
             elif isinstance(lr, (int, float)):
-                self._saved.append((group, lr))
-                group["lr"] = lr * self.scale
+                scaled = lr * self.scale
+                self._saved.append((group, lr, scaled))
+                group["lr"] = scaled
 
-    def after_step(self) -> None:
-        """Put back the ``lr`` values that :meth:`before_step` scaled."""
-        for group, lr in self._saved:
-            if isinstance(lr, torch.Tensor):
-                group["lr"].data.copy_(lr)
-            else:
-                group["lr"] = lr
-        self._saved = []
+    def recover(self) -> None:
+        """Put back the ``lr`` values that :meth:`before_step` scaled and that still hold the
+        value it set (after the step, or later when the step raised)."""
+        saved, self._saved = self._saved, []
+        for group, original, scaled in saved:
+            now = group.get("lr")
+            if isinstance(original, torch.Tensor):
+                if now is scaled:
+                    now.data.copy_(original)
+            elif now is scaled or (type(now) is type(scaled) and now == scaled):
+                group["lr"] = original
+
+    after_step = recover
+
+    @property
+    def pending(self) -> bool:
+        """An ``lr`` is scaled now (inside a step, or left by a step that raised)."""
+        return bool(self._saved)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "backoffs": self.backoffs}

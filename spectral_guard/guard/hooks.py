@@ -55,7 +55,7 @@ def set_loss(output: Any, loss: torch.Tensor) -> bool:
 
 
 class RootForwardHook:
-    """The model's forward hook; calls ``guard._after_forward`` (see module docstring).
+    """The model's forward hook; calls ``guard.after_forward`` (see module docstring).
 
     A small class rather than a closure so that pickling an instrumented model fails with a
     message that says what to do instead.
@@ -80,18 +80,31 @@ def _after_forward(guard_ref: weakref.ref, module: nn.Module, output: Any) -> An
     guard = guard_ref()
     if guard is None or not module.training or not torch.is_grad_enabled() or in_backward():
         return None
-    return guard._after_forward(output)
+    return guard.after_forward(output)
 
 
-def optimizer_hook(guard_ref: weakref.ref, method: str) -> Callable[..., None]:
-    """A global optimizer step pre- or post-hook calling ``guard.<method>(optimizer)``
-    (``_before_optimizer_step``, ``_on_optimizer_step``); holds the guard weakly."""
+def optimizer_pre_hook(guard_ref: weakref.ref) -> Callable[..., None]:
+    """The global optimizer step pre-hook: ``guard.before_optimizer_step(optimizer)`` (the
+    learning-rate back-off); holds the guard weakly."""
 
     @torch.compiler.disable
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         guard = guard_ref()
         if guard is not None:
-            getattr(guard, method)(optimizer)
+            guard.before_optimizer_step(optimizer)
+
+    return hook
+
+
+def optimizer_post_hook(guard_ref: weakref.ref) -> Callable[..., None]:
+    """The global optimizer step post-hook: ``guard.after_optimizer_step(optimizer)`` (the
+    clock); holds the guard weakly."""
+
+    @torch.compiler.disable
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        guard = guard_ref()
+        if guard is not None:
+            guard.after_optimizer_step(optimizer)
 
     return hook
 
@@ -129,6 +142,6 @@ def load_post_hook(guard_ref: weakref.ref, index: int) -> Callable[[nn.Module, A
     def hook(module: nn.Module, incompatible_keys: Any) -> None:
         guard = guard_ref()
         if guard is not None:
-            guard._rebaseline(index)
+            guard.rebaseline(index)
 
     return hook

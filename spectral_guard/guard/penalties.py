@@ -14,24 +14,71 @@
 * l2:  ``P = ||W||_F^2`` (what the public ASSR code applies), for comparisons.
 
 The caller multiplies by the layer's lambda.
+
+16-bit weights stay 16-bit: the collapse and l2 terms of a bf16/fp16 ``W`` are computed in
+float32 inside a custom autograd function that saves ``W`` itself (the parameter: no new
+memory) instead of an fp32 copy kept alive until backward; the fp32 copy is made transiently,
+in the forward and again in the backward. Same values and formula as the fp32 path
+(``tests/test_guard_penalties.py`` measures the saved tensors).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 Tensor = torch.Tensor
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 def _compute(W: Tensor) -> Tensor:
-    return W.float() if W.dtype in (torch.float16, torch.bfloat16) else W
+    return W.float() if W.dtype in HALF else W
+
+
+class _Collapse16(torch.autograd.Function):
+    """``(u^T W v)^2 / ||W||_F^2`` of a 16-bit ``W`` in float32, saving only ``W``, ``u``,
+    ``v`` and two scalars; gradient ``2 sigma/F2 u v^T - 2 sigma^2/F2^2 W``."""
+
+    @staticmethod
+    def forward(ctx: Any, W: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        Wf = W.float()
+        sigma = u @ Wf @ v
+        f2 = Wf.square().sum()
+        ctx.save_for_backward(W, u, v, sigma, f2)
+        return sigma.square() / f2
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        W, u, v, sigma, f2 = ctx.saved_tensors
+        g_sigma = g * 2.0 * sigma / f2
+        g_f2 = -g * sigma.square() / f2.square()
+        grad = torch.outer(u * g_sigma, v) + W.float() * (2.0 * g_f2)
+        return grad.to(W.dtype), None, None
+
+
+class _Frobenius16(torch.autograd.Function):
+    """``||W||_F^2`` of a 16-bit ``W`` in float32, saving only ``W``."""
+
+    @staticmethod
+    def forward(ctx: Any, W: Tensor) -> Tensor:
+        ctx.save_for_backward(W)
+        return W.float().square().sum()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (W,) = ctx.saved_tensors
+        return (W.float() * (2.0 * g)).to(W.dtype)
 
 
 def spectral_collapse_term(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """``(u^T W v)^2 / ||W||_F^2`` (see module docstring), differentiable in ``W``."""
-    Wc = _compute(W)
-    sigma = u.to(Wc.dtype) @ Wc @ v.to(Wc.dtype)
-    return sigma.square() / Wc.square().sum()
+    if W.dtype in HALF:
+        return _Collapse16.apply(W, u.float(), v.float())
+    sigma = u.to(W.dtype) @ W @ v.to(W.dtype)
+    return sigma.square() / W.square().sum()
 
 
 def condition_term(B: Tensor, U: Tensor, V: Tensor, log_kappa_max: float, eps: float) -> Tensor:
@@ -51,4 +98,4 @@ def condition_term(B: Tensor, U: Tensor, V: Tensor, log_kappa_max: float, eps: f
 
 def l2_term(W: Tensor) -> Tensor:
     """``||W||_F^2``."""
-    return _compute(W).square().sum()
+    return _Frobenius16.apply(W) if W.dtype in HALF else W.square().sum()

@@ -1,0 +1,60 @@
+"""The guard's loss term: ``penalty_scale * (sum_treated lambda_l P_l(W_l) + attention hinge)``.
+
+Built in the training forward (``auto_loss``) or by :meth:`Guard.penalty`, with autocast off
+(the terms of :mod:`.penalties` choose their own precision: 16-bit weights stay 16-bit) and
+non-finite terms dropped on the device (``torch.where``: no host read).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..estimators import no_autocast
+from . import sharded
+from .install import GuardedLayer
+from .penalties import condition_term, l2_term, spectral_collapse_term
+
+Tensor = torch.Tensor
+
+
+def layer_term(layer: GuardedLayer, actuator: str) -> Tensor | None:
+    """``lambda P(W)`` of one treated layer (``None`` when no term applies)."""
+    W, st, probe = layer.weight, layer.state, layer.probe
+    if sharded.is_sharded(W):  # FSDP2: local rows, global value (guard/sharded.py)
+        return sharded.term(W, probe, st, actuator)
+    lam_c, lam_k = st.term_lambdas(actuator)
+    if actuator == "l2":
+        return (lam_c + lam_k) * l2_term(W)
+    term = lam_c * spectral_collapse_term(W, probe.u, probe.v) if lam_c > 0 else None
+    if lam_k > 0 and st.cond_pairs > 1:
+        t = lam_k * condition_term(probe.biopsy(W), probe.cond_u, probe.cond_v,
+                                   st.log_kappa_max, st.cond_eps)
+        term = t if term is None else term + t
+    return term
+
+
+def build(layers: list[GuardedLayer], actuator: str, attention: Any,
+          device: torch.device | None, scale: float = 1.0) -> Tensor | None:
+    """The whole penalty on ``device`` (each term on its weight's device when ``None``), or
+    ``None`` when nothing is treated."""
+    total: Tensor | None = None
+    for layer in layers:
+        if not layer.state.treated or not layer.penalized:
+            continue
+        W = layer.weight
+        with no_autocast(W.device.type):
+            term = layer_term(layer, actuator)
+        if term is None:
+            continue
+        term = torch.where(torch.isfinite(term), term, torch.zeros_like(term))
+        term = term.to(device or W.device)
+        total = term if total is None else total + term
+    if attention is not None:
+        term = attention.penalty(device)
+        if term is not None:
+            total = term if total is None else total + term.to(total.device)
+    if total is not None and scale != 1.0:
+        total = total * scale
+    return total

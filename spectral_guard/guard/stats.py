@@ -1,0 +1,72 @@
+"""What the guard reports: per-layer stats, totals, and flat metrics for loggers (host values;
+only ``metrics()["penalty"]`` reads the device, and it is not a training-step call)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def layer_stats(layer: Any) -> dict[str, Any]:
+    st = layer.state
+    return {
+        "shape": tuple(int(d) for d in layer.weight.shape),
+        "sensors": st.readings.as_dict(),
+        "baseline": None if st.baseline is None else st.baseline.as_dict(),
+        "thresholds": dict(layer.sensors),
+        "lambda": st.lam,
+        "lambda_collapse": st.lambdas["collapse"],
+        "lambda_conditioning": st.lambdas["conditioning"],
+        "checks": st.checks,
+        "interventions": st.interventions,
+        "msigns": st.msigns,
+        "msigns_skipped": st.msigns_skipped,
+        "last_checked_step": st.last_checked_step,
+        "collapse_fall": st.collapse_fall,
+        "nonfinite": st.nonfinite,
+        "nonfinite_entries": st.nonfinite_entries,
+        "failed_checks": st.failed_checks,
+        "frozen": not layer.weight.requires_grad,
+        "penalized": bool(layer.sensors),
+    }
+
+
+def stats(guard: Any) -> dict[str, Any]:
+    """``guard.stats()``: latest applied readings, lambdas, counters per layer, and totals."""
+    layers = {layer.name: layer_stats(layer) for layer in guard.layers}
+    totals = {
+        "step": guard.global_step,
+        "layers": len(layers),
+        "skipped": len(guard.skipped),
+        "checks": sum(v["checks"] for v in layers.values()),
+        "interventions": sum(v["interventions"] for v in layers.values()),
+        "msigns": sum(v["msigns"] for v in layers.values()),
+        "lr_scale": guard.backoff.scale,
+        "lr_backoffs": guard.backoff.backoffs,
+        "treated_layers": sum(layer.state.treated for layer in guard.layers),
+        "nonfinite_layers": sum(v["nonfinite"] for v in layers.values()),
+        "failed_checks": sum(v["failed_checks"] for v in layers.values()),
+        "guard_time_s": guard.guard_time_s,
+    }
+    return {"layers": layers, "totals": totals,
+            "skipped": {s.name: s.reason for s in guard.skipped}}
+
+
+def metrics(guard: Any) -> dict[str, float]:
+    """``guard.metrics()`` (see its docstring)."""
+    t = stats(guard)["totals"]
+    readings = [layer.state.readings for layer in guard.layers]
+    retention = [r.effective_rank_retention for r in readings
+                 if r.effective_rank_retention == r.effective_rank_retention]
+    ratios = [r.stable_rank_ratio for r in readings
+              if r.stable_rank_ratio == r.stable_rank_ratio]
+    last = guard.last_penalty
+    return {
+        "interventions": float(t["interventions"]),
+        "msigns": float(t["msigns"]),
+        "lr_scale": float(t["lr_scale"]),
+        "treated_layers": float(t["treated_layers"]),
+        "min_effective_rank_retention": min(retention) if retention else float("nan"),
+        "mean_stable_rank_ratio": sum(ratios) / len(ratios) if ratios else float("nan"),
+        "nonfinite_layers": float(t["nonfinite_layers"]),
+        "penalty": float(last) if last is not None else 0.0,
+    } | (guard.attention.metrics() if guard.attention is not None else {})
