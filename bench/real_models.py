@@ -39,6 +39,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,12 +96,14 @@ def default_cache() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "spectral_guard" / "corpus"
 
 
-CLI: list[str] = []  # set by --cli; default: the spectral-guard next to this interpreter
+ENTRY = "spectral_guard.cli.main:main"  # the console script's entry point (pyproject.toml)
+RUN: dict = {"runner": "fork", "cli": [], "entry": None}  # set by main()
 
 
 def cli() -> list[str]:
-    if CLI:
-        return CLI
+    """The command of the exec runner: --cli, else the spectral-guard next to this Python."""
+    if RUN["cli"]:
+        return RUN["cli"]
     exe = Path(sys.executable).with_name("spectral-guard")
     return [str(exe)] if exe.exists() else ["spectral-guard"]
 
@@ -210,22 +213,64 @@ def describe(model: Model, cache: Path) -> dict:
 # ---------------------------------------------------------------- CLI runs
 
 
+def load_entry(src: Path | None):
+    """The CLI's entry function (imported once; the fork runner calls it in a forked child)."""
+    import importlib
+
+    if src is not None:
+        sys.path.insert(0, str(src))
+    mod, _, attr = ENTRY.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def _fork_cli(args: list[str], timeout: float) -> tuple[int, str, str]:
+    """Run the CLI's own entry point in a forked child (same argv, stdout, stderr and exit code
+    as the console script; the imports are paid once, in this process)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 3
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                signal.alarm(int(timeout))
+                sys.argv = ["spectral-guard", *args]
+                RUN["entry"]()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # reported through stderr and the exit code
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        out.seek(0)
+        err.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
+
+
 def run_cli(args: list[str], timeout: float = 900) -> tuple[int, dict | None, float, str]:
+    """(exit code, the --json document or None, wall seconds, last stderr line)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        cli() + args, capture_output=True, text=True, env=child_env(), timeout=timeout
-    )
+    if RUN["runner"] == "fork":
+        rc, stdout, stderr = _fork_cli(args, timeout)
+    else:
+        proc = subprocess.run(
+            cli() + args, capture_output=True, text=True, env=child_env(), timeout=timeout
+        )
+        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     wall = time.perf_counter() - t0
     try:
-        doc = json.loads(proc.stdout) if proc.stdout.strip() else None
+        doc = json.loads(stdout) if stdout.strip() else None
     except json.JSONDecodeError:
         doc = None
-    return (
-        proc.returncode,
-        doc,
-        wall,
-        proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
-    )
+    return rc, doc, wall, stderr.strip().splitlines()[-1] if stderr.strip() else ""
 
 
 def audit(path: Path, mode: str, thresholds: Path | None = None) -> dict:
@@ -377,7 +422,9 @@ def caught(res: dict, tensor: str) -> tuple[bool, str]:
 # ---------------------------------------------------------------- report
 
 
-def versions() -> dict:
+def versions(src: Path | None) -> dict:
+    """Versions and hardware; the commit is the repository's HEAD (with uncommitted changes:
+    '+dirty'), or the first line of SRC/COMMIT for a --src tree (e.g. from git archive)."""
     out = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -389,10 +436,22 @@ def versions() -> dict:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = "not installed"
+    if src is not None:
+        note = src / "COMMIT"
+        out["spectral_guard_commit"] = (
+            note.read_text().split("\n")[0].strip() if note.exists() else f"source tree {src}"
+        )
+        return out
     try:
-        out["spectral_guard_commit"] = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
+        git = ["git", "-C", str(REPO)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True)  # fmt: skip
+        out["spectral_guard_commit"] = head.stdout.strip() + (
+            "+dirty" if dirty.stdout.strip() else ""
+        )
     except OSError:
         pass
     return out
@@ -420,21 +479,37 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path, default=None, help="also write the results as JSON to FILE"
     )
     ap.add_argument(
-        "--cli",
+        "--runner",
+        choices=("fork", "exec"),
+        default="fork" if hasattr(os, "fork") else "exec",
+        help="fork: call the CLI's entry point in a forked child of this process (imports paid "
+        "once); exec: run the console script for every command (slower)",
+    )
+    ap.add_argument(
+        "--src",
+        type=Path,
         default=None,
-        help="command that runs the CLI, e.g. 'python /path/launcher.py' (default: spectral-guard "
-        "next to this Python)",
+        help="fork runner: import spectral_guard from this source tree (one where "
+        "spectral_guard/cli is importable) instead of the installed one",
+    )
+    ap.add_argument(
+        "--cli", default=None, help="exec runner: the command (default: spectral-guard)"
     )
     args = ap.parse_args(argv)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")  # before torch is imported: forked children stay serial
+    RUN["runner"] = args.runner
     if args.cli:
-        CLI[:] = shlex.split(args.cli)
+        RUN["cli"] = shlex.split(args.cli)
+    if args.runner == "fork":
+        RUN["entry"] = load_entry(args.src)
 
     cache = (args.cache or default_cache()).expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
     wanted = set(args.models.split(",")) if args.models else None
     corpus = [m for m in CORPUS if wanted is None or m.name in wanted]
     t_start = time.perf_counter()
-    env = versions()
+    env = versions(args.src)
     print("bench/real_models.py: the audit on real trained checkpoints")
     print(
         "versions: "
@@ -455,7 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         f"hardware: {env['platform']}, {env['processor']}, {env['cpu_count']} CPUs; "
         f"children run with OMP_NUM_THREADS={child_env()['OMP_NUM_THREADS']}"
     )
-    print(f"corpus: {cache}; CLI: {' '.join(cli())}")
+    if args.runner == "fork":
+        import spectral_guard
+
+        how = f"{ENTRY} from {Path(spectral_guard.__file__).parent} in forked children"
+    else:
+        how = " ".join(cli())
+    print(f"corpus: {cache}\nCLI: {how}")
+    env["cli"] = how
     result: dict = {"versions": env, "cache": str(cache), "models": {}}
 
     present: list[Model] = []

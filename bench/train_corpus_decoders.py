@@ -274,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         model = build(family, size)
         name = f"{family}_tiny" if args.tiny else f"{family}-stdlib"
         n = sum(p.numel() for p in model.parameters())
-        print(f"{name}: {SIZES[size]}, {n} parameters, {steps} steps", flush=True)
+        arch = dict(SIZES[size]) if family == "llama" else {
+            "layers": SIZES[size]["layers"], "d": SIZES[size]["d"], "heads": SIZES[size]["heads"],
+            "mlp": 4 * SIZES[size]["d"]}  # fmt: skip
+        print(f"{name}: {arch}, {n} parameters, {steps} steps", flush=True)
         rec = train(
             model,
             "pretrain",
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         save(
             model,
             root / name,
-            {"model": name, "family": family, "size": SIZES[size], "parameters": n, **rec, **env},
+            {"model": name, "family": family, "size": arch, "parameters": n, **rec, **env},
         )
         if args.tiny or args.ft_steps <= 0:
             continue
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": ft,
                 "family": family,
                 "base": name,
-                "size": SIZES[size],
+                "size": arch,
                 "parameters": n,
                 **rec,
                 **env,
