@@ -303,6 +303,18 @@ def test_bad_options(tmp_path):
         audit(p, fail_on=["broken"])
     with pytest.raises(ThresholdsError, match="not found"):
         audit(p, thresholds=tmp_path / "none.json")
+    # the library's messages name its own parameters, never a command-line flag
+    for kwargs, needle in (({"limit": 1}, "limit must be at least 2"),
+                           ({"include": ["("]}, r"include pattern '\('"),
+                           ({"exclude": ["["]}, r"exclude pattern '\['"),
+                           ({"fail_on": ["broken"]}, "unknown status 'broken'"),
+                           ({"heads": 0}, "head count must be a positive integer")):
+        with pytest.raises(ValueError, match=needle) as err:
+            audit(p, **kwargs)
+        assert "--" not in str(err.value), str(err.value)
+    with pytest.raises(CheckpointError, match="include/exclude filters") as err:
+        audit(p, exclude=["."])
+    assert "--" not in str(err.value)
 
 
 def test_no_matrices_is_an_input_error(tmp_path):

@@ -133,7 +133,8 @@ def test_pairs_llama_checkpoint_gqa(llama) -> None:
             assert m.logit_scale == pytest.approx(max(ref), rel=1e-6)
             np.testing.assert_allclose(m.logit_head_typical, typ, rtol=1e-6)
             assert m.logit_typical == pytest.approx(max(typ), rel=1e-6)
-            assert m.logit_head == int(np.argmax(typ))
+            assert m.logit_head == int(np.argmax(ref))
+            assert m.logit_typical_head == int(np.argmax(typ))
         assert res[f"model.layers.{i}.self_attn.v_proj.weight"].logit_scale is None
     # the live model (module attributes) gives the same values
     live = _by_name(audit(model, mode="exact"))
@@ -278,3 +279,25 @@ def test_cli(tmp_path) -> None:
     assert r.exit_code == 2
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and "--heads" in err and "Traceback" not in r.output
+
+
+TRAINED = Path(__file__).resolve().parent / "data" / "trained"
+
+
+@pytest.mark.parametrize("name", ["gpt2_tiny", "llama_tiny"])
+@pytest.mark.parametrize("mode", ["biopsy", "exact"])
+def test_trained_decoders_attention_is_ok(name: str, mode: str) -> None:
+    # causal LMs trained here (bench/train_corpus_decoders.py --tiny): every attention and MLP
+    # matrix ok with the shipped defaults, the q-k pass included, far below the typical-logit
+    # limit (their embeddings and output head are the embeddings group's business)
+    folder = TRAINED / name
+    rep = audit(folder, mode=mode)
+    assert rep.logit_pairs == 2 and rep.logit_notes == []
+    hidden = [m for m in rep.matrices if m.read_as == "linear" and "lm_head" not in m.name]
+    assert len(hidden) >= 8
+    assert {m.name: m.reasons for m in hidden if m.status != "ok"} == {}
+    assert rep.status_counts()["logit_risk"] == 0
+    limit = load_thresholds(None).default.logit_typical_max
+    paired = [m for m in rep.matrices if m.logit_typical is not None]
+    assert len(paired) in (2, 4)  # fused c_attn (one matrix per pair) or q_proj + k_proj
+    assert max(m.logit_typical for m in paired) < limit / 8

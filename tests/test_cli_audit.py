@@ -243,3 +243,51 @@ def test_console_script_subprocess(tmp_path, damaged):
     assert good.returncode == 1
     assert json.loads(good.stdout)["verdict"]["healthy"] is False
     assert "Traceback" not in good.stderr
+
+
+def _code_table(text: str) -> dict[int, str]:
+    """``{code: meaning}`` of a markdown table whose rows start ``| <int> |``."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].isdigit():
+            rows[int(cells[0])] = cells[1]
+    return rows
+
+
+def test_documented_exit_codes_match_the_cli():
+    from spectral_guard.cli import common
+
+    codes = {common.EXIT_OK, common.EXIT_FINDINGS, common.EXIT_USAGE, common.EXIT_INTERNAL,
+             common.EXIT_INTERRUPTED}
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "audit.md").read_text()
+    section = doc.split("### Exit codes", 1)[1].split("\n#", 1)[0]
+    table = _code_table(section)
+    assert set(table) == codes == set(_code_table(common.__doc__))
+    assert "internal" in table[common.EXIT_INTERNAL]
+    assert "usage or input" in table[common.EXIT_USAGE]
+    assert "interrupted" in table[common.EXIT_INTERRUPTED].lower()
+    # the prose says the same code for internal errors
+    assert f"internal error ends with one line and exit {common.EXIT_INTERNAL}" in \
+        " ".join(section.split())
+
+
+def test_internal_error_exits_3_with_one_line(healthy, monkeypatch):
+    import spectral_guard.audit as audit_pkg
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(audit_pkg, "audit", broken)
+    r = run(healthy)
+    assert r.exit_code == 3, r.output
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "internal error" in err and "boom" in err
+
+
+def test_option_errors_name_the_flag(healthy):
+    assert_input_error(run(healthy, "--exclude", "[a"), "--exclude '[a'")
+    r = run(healthy, "--limit", "1")
+    assert r.exit_code == 2 and "--limit" in r.stderr
+    r = run(healthy, "--heads", "0")
+    assert r.exit_code == 2 and "--heads" in r.stderr

@@ -123,6 +123,11 @@ class PairScale:
 
     @property
     def worst_head(self) -> int:
+        """The head that reaches the worst-case bound."""
+        return max(range(len(self.bounds)), key=self.bounds.__getitem__)
+
+    @property
+    def typical_head(self) -> int:
         """The head with the largest typical scale (the one the verdict reads)."""
         return max(range(len(self.typical)), key=self.typical.__getitem__)
 
@@ -299,6 +304,7 @@ def logit_pass(ckpt: Checkpoint, results: list[MatrixResult], heads: int | None,
             if res is None:
                 continue
             res.logit_scale, res.logit_typical = sc.max_bound, sc.max_typical
-            res.logit_head, res.logit_pair = sc.worst_head, sc.name
+            res.logit_head, res.logit_typical_head = sc.worst_head, sc.typical_head
+            res.logit_pair = sc.name
             res.logit_head_scales, res.logit_head_typical = list(sc.bounds), list(sc.typical)
     return len(scales), notes, False

@@ -1,7 +1,7 @@
 """How each tensor of a checkpoint is read: which matrices it is audited as, or why it is skipped.
 
-* 2-D ``(m, n)``: one matrix, read as ``"linear"`` (``"embedding"`` when its name is an
-  embedding's, :func:`~spectral_guard.thresholds.role_group`).
+* 2-D ``(m, n)``: one matrix, read as ``"linear"`` (``"embedding"`` when its name is a token or
+  position embedding's, :func:`~spectral_guard.thresholds.role_group`).
 * 3-D or more ``(out, in, k, ...)``: a convolution kernel whatever its kernel size, one matrix
   ``out x (in * k * ...)`` (rows are output channels), read as ``"conv"``.
 * 3-D ``(E, m, n)`` is a stack of ``E`` expert matrices ``name[e]``, read as ``"experts[e]"``,
@@ -34,6 +34,10 @@ CONFIG_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "m
                       "num_routed_experts", "n_experts")
 """``config.json`` keys that give a mixture-of-experts model's expert count (also looked up in
 nested configs such as ``text_config``)."""
+
+EMBEDDING_ROLES = ("embeddings", "position_embeddings")
+"""Role groups (:data:`~spectral_guard.thresholds.ROLE_GROUPS`) whose 2-D weights read as
+``"embedding"``."""
 
 EXPERT_NAME = re.compile(r"(?i)(^|[._])experts?([._\[]|$)")
 """A tensor name that says it holds experts (a component ``expert``/``experts``)."""
@@ -125,7 +129,7 @@ def plan_tensor(info: TensorInfo, n_experts: int | None = None) -> TensorPlan | 
     if info.numel == 0:
         return "empty tensor"
     if len(shape) == 2:
-        kind = "embedding" if role_group(info.name) == "embeddings" else "linear"
+        kind = "embedding" if role_group(info.name) in EMBEDDING_ROLES else "linear"
         return TensorPlan(info, (info.name,), ((),), shape[0], shape[1], (kind,))
     if reads_as_experts(info.name, shape, n_experts):
         e = range(shape[0])

@@ -41,8 +41,9 @@ class MatrixResult:
     kernel ``[out, in, k...]`` flattened to ``out x (in * k ...)``) or ``"experts[e]"`` (matrix
     ``e`` of a stack of experts). The ``logit_*`` values are those of the attention pair the
     matrix belongs to (:mod:`spectral_guard.audit.logit`): per head, the worst-case bound
-    ``s_h n`` (``logit_head_scales``, maximum ``logit_scale``) and the typical scale ``tau_h``
-    (``logit_head_typical``, maximum ``logit_typical``, reached by head ``logit_head``)."""
+    ``s_h n`` (``logit_head_scales``; maximum ``logit_scale``, reached by head ``logit_head``)
+    and the typical scale ``tau_h`` (``logit_head_typical``; maximum ``logit_typical``, reached
+    by head ``logit_typical_head``)."""
 
     name: str
     tensor: str
@@ -78,6 +79,7 @@ class MatrixResult:
     logit_pair: str | None = None
     logit_head_scales: list[float] | None = None
     logit_typical: float | None = None
+    logit_typical_head: int | None = None
     logit_head_typical: list[float] | None = None
 
     def observation(self) -> Observation:
