@@ -104,3 +104,27 @@ def test_default_thresholds_resolve_embedding_group():
     assert judge(between, hidden)[0] == "collapsed"
     assert judge(between, emb)[0] == "ok"
     assert judge(healthy(stable_rank=1.0), emb)[0] == "collapsed"  # rank 1 is caught everywhere
+
+
+def test_logit_risk_reads_the_typical_scale_and_a_set_bound_only():
+    shipped = default_thresholds().rule_for("model.layers.0.self_attn.q_proj.weight")
+    limit = shipped.logit_typical_max
+    assert limit is not None and shipped.logit_scale_max is None
+    # a huge worst-case bound alone is not a finding under the shipped rule (healthy encoders
+    # reach 2293 at n = 384)
+    assert judge(healthy(logit_scale=1e5, logit_typical=limit * 0.99), shipped) == ("ok", [])
+    status, reasons = judge(healthy(logit_scale=10.0, logit_typical=limit * 1.01), shipped)
+    assert status == "logit_risk" and reasons == [
+        f"typical q-k logit {limit * 1.01:.4g} > {limit:.4g}"]
+    # a ceiling on the bound applies only when a thresholds file sets one; both reasons listed
+    capped = Rule(logit_typical_max=32.0, logit_scale_max=500.0)
+    assert judge(healthy(logit_scale=499.0, logit_typical=1.0), capped) == ("ok", [])
+    assert judge(healthy(logit_scale=501.0, logit_typical=40.0), capped) == (
+        "logit_risk", ["typical q-k logit 40 > 32", "q-k logit bound 501 > 500"])
+    # not measured (not part of a pair): never a finding
+    assert judge(healthy(), capped) == ("ok", [])
+    # below collapsed in precedence, above suspicious
+    assert judge(healthy(logit_typical=40.0, stable_rank=1.0),
+                 Rule(logit_typical_max=32.0, stable_rank_min=1.5))[0] == "collapsed"
+    assert judge(healthy(logit_typical=40.0, alpha=1.0),
+                 Rule(logit_typical_max=32.0, alpha_min=1.5))[0] == "logit_risk"
