@@ -121,7 +121,7 @@ def test_a_layer_flagged_for_collapse_gets_its_matrix_sign():
     rows = guard.stats()["layers"]
     assert rows["blocks.0.fc"]["msigns"] >= 1
     assert {n for n, r in rows.items() if r["msigns"]} == {"blocks.0.fc"}  # only the flagged
-    weight = guard._by_name["blocks.0.fc"].weight
+    weight = guard.by_name["blocks.0.fc"].weight
     assert erank_before < 4 and _erank(weight) > 0.5 * min(weight.shape)  # Adam moved it since
     assert guard.metrics()["msigns"] == rows["blocks.0.fc"]["msigns"]
     # the collapse is answered by the sign, not by a penalty term
@@ -151,7 +151,7 @@ def test_msign_every_signs_every_penalized_layer_on_schedule_and_skips_frozen():
     # right after a scheduled sign, every penalized weight has a flat spectrum
     _train(model, 3)   # step 12
     for n in penalized:
-        sv = torch.linalg.svdvals(guard._by_name[n].weight.detach().double())
+        sv = torch.linalg.svdvals(guard.by_name[n].weight.detach().double())
         assert float(sv[0] / sv[-1]) == pytest.approx(1.0, abs=1e-4)
 
 
@@ -222,7 +222,7 @@ def test_alarm_gate_signs_only_while_treating_and_only_fresh_layers():
     # a target no pair can meet: the attention guard is alarmed from its first reading
     guard = spectral_guard.instrument(model, msign_every=2, attention_max_scale=1e-6)
     rows = guard.stats()["layers"]
-    fresh = {n for n, layer in guard._by_name.items() if layer.state.random_init}
+    fresh = {n for n, layer in guard.by_name.items() if layer.state.random_init}
     assert "blocks.0.fc" not in fresh and len(fresh) >= 3
     _train(model, 4)    # readings land at step 1; steps 2 and 4 are on the schedule
     rows = guard.stats()["layers"]
@@ -261,7 +261,7 @@ def test_a_quorum_of_collapsing_layers_raises_the_alarm():
                                           msign_quorum=quorum)
         names = [n for n, r in guard.stats()["layers"].items() if r["penalized"]]
         for name in names[:n_collapsed]:   # collapse after the (fresh) baselines were taken
-            W = guard._by_name[name].weight
+            W = guard.by_name[name].weight
             with torch.no_grad():
                 W.copy_(torch.outer(W[:, 0], W[0]))
         _train(model, 4, lr=1e-6)   # small steps: the collapse stays what it is

@@ -100,3 +100,44 @@ def test_l2_term_and_half_precision_inputs():
     v = torch.ones(7) / math.sqrt(7)
     out = spectral_collapse_term(Wh, u, v)
     assert out.dtype == torch.float32 and math.isfinite(float(out))
+
+
+def test_bf16_penalty_saves_the_weights_not_an_fp32_copy_and_matches_the_fp32_math():
+    """Every layer treated, bf16 weights: the tensors the penalty saves for backward
+    (``saved_tensors_hooks``) are the weights themselves plus vectors, not fp32 copies
+    (before: 2x the weights' bytes, an fp32 copy of each); value and gradient are the fp32
+    formula's, rounded to bf16."""
+    from guard_models import seeded_model
+
+    import spectral_guard
+
+    model = seeded_model(0, n_layers=2, d=64, heads=4, seq=16).to(torch.bfloat16)
+    guard = spectral_guard.instrument(model, attention=False, msign_every=0, auto_loss=False)
+    for layer in guard.layers:
+        layer.state.lambdas["collapse"] = 0.01
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {"all": 0, "new": 0}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        saved["all"] += n
+        saved["new"] += n * (t.untyped_storage().data_ptr() not in weights)
+        return t
+
+    x = torch.randint(0, 256, (2, 16))
+    model(x, x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pen = guard.penalty()
+    pen.backward()
+    w_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in guard.layers)
+    assert saved["new"] < 0.05 * w_bytes       # u, v and scalars (was 2 * w_bytes)
+    layer = guard.layers[0]
+    W = layer.weight.detach().float().requires_grad_()
+    u, v = layer.probe.u, layer.probe.v
+    ref = (u @ W @ v).square() / W.square().sum()
+    ref.backward()
+    got = W.detach().bfloat16().requires_grad_()
+    value = spectral_collapse_term(got, u, v)
+    value.backward()
+    assert float(value) == float(ref)
+    torch.testing.assert_close(got.grad, W.grad.bfloat16(), rtol=2 ** -7, atol=0)  # 1 ulp

@@ -1,26 +1,17 @@
 """``instrument(model)`` and the :class:`Guard` it returns: a thin facade.
 
-One optimizer step of a guarded model, on the training thread:
-
-1. forward: the weights are read through an identity parametrization (outputs are bit for bit
-   those of the plain model). At the end of a training forward the root hook adds
-   ``penalty_scale * sum_treated lambda_l * P_l(W_l)`` to the output's loss (``auto_loss``,
-   :mod:`.penalty`), or leaves it for :meth:`Guard.penalty`;
-2. backward, ``optimizer.step()`` (the learning-rate back-off scales it, :mod:`.backoff`);
-3. the step post-hook advances the clock to ``s``, one cycle of the async check protocol
-   (:mod:`.protocol`): the check launched at ``s - 1`` is applied (layers: :mod:`.cycle`;
-   attention: :mod:`.attention`), the matrix sign runs where due (:mod:`.signs`), and the
-   check of step ``s`` is launched (device work only; the host half runs on the worker).
-
-Installation: :mod:`.install`; state: :mod:`.persist`; reports: :mod:`.stats`. Nothing in the
-step reads a device tensor on the host. See ``docs/guard.md``.
+A guarded step: the forward reads weights through identity parametrizations and the root hook
+adds the penalty to the loss (:mod:`.penalty`); ``optimizer.step()`` runs under the
+learning-rate back-off (:mod:`.backoff`); its post-hook advances the clock, one cycle of the
+async check protocol (:mod:`.protocol`): apply the check launched a step ago (:mod:`.cycle`,
+:mod:`.attention`), sign where due (:mod:`.signs`), launch this step's. Installation:
+:mod:`.install`; state: :mod:`.persist`; reports: :mod:`.stats`. See ``docs/guard.md``.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-import warnings
 import weakref
 from typing import Any
 
@@ -31,13 +22,14 @@ from . import persist, sharded
 from . import stats as report
 from .attention import AttentionGuard
 from .backoff import LRBackoff
+from .clock import Follower
 from .config import GuardConfig
 from .cycle import NAME, LayerChecks
 from .hooks import get_loss, set_loss
 from .install import GuardedLayer, install_layers, rewire_copy, root_hooks, uninstall_layers
 from .penalty import build
 from .protocol import AsyncChecks, Packer
-from .signs import Alarm, MatrixSigns, quorum_alarm
+from .signs import Alarm, MatrixSigns, quorum_alarm, warn_if_blind
 
 Tensor = torch.Tensor
 STATE_VERSION = persist.STATE_VERSION
@@ -53,12 +45,7 @@ class Guard:
 
     def __init__(self, model: nn.Module, config: GuardConfig, alarm: Alarm | None = None,
                  backoff: LRBackoff | None = None) -> None:
-        if not config.sees_falls:
-            warnings.warn(f"a layer is checked every {config.check_period} steps (every="
-                          f"{config.every}, ratio={config.ratio}), more than msign_fall="
-                          f"{config.msign_fall}: the alarm cannot see a sudden collapse, so "
-                          "only its attention half can raise it; raise ratio or msign_fall "
-                          "(guard/alarm.py)", stacklevel=3)
+        warn_if_blind(config)
         self.model, self.config, self.penalty_scale = model, config, 1.0
         self.backoff = backoff or LRBackoff(config.lr_backoff, config.lr_floor)
         self.signs = MatrixSigns(config, alarm or quorum_alarm, self.backoff)
@@ -66,13 +53,13 @@ class Guard:
         self.attention: AttentionGuard | None = None
         self.last_penalty: Tensor | None = None
         self._step = self._forwards = self._ns = 0
-        self._attached: weakref.ref | None = None
-        self._owner_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._ticked: weakref.WeakSet = weakref.WeakSet()
+        self.follower = Follower(lambda: [layer.weight for layer in self.layers])
         self._removed, self._root_handles = False, []
         ref = weakref.ref(self)
+        self.layers: list[GuardedLayer] = []
         layers, self.skipped = install_layers(model, config, ref)
         self.cycle = LayerChecks(layers, config)
+        self.layers, self.by_name, self.history = layers, self.cycle.by_name, self.cycle.history
         try:
             self._root_handles = root_hooks(model, ref)
             model._spectral_guard = self  # lets spectral_guard.remove(model) find the guard
@@ -129,17 +116,16 @@ class Guard:
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Optimizer step pre-hook: the learning-rate back-off."""
-        if self._removed or not self._follows(optimizer):
-            return
-        self.backoff.before_step(optimizer) if self.backoff.scale != 1.0 else \
-            self.backoff.recover()
+        if not self._removed and self.follower.follows(optimizer):
+            self.backoff.before_step(optimizer)
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Optimizer step post-hook: put the lr back, advance the clock."""
         self.backoff.after_step()
-        if self._removed or self.config.step_on != "optimizer" or not self._follows(optimizer):
+        if self._removed or self.config.step_on != "optimizer" \
+                or not self.follower.follows(optimizer):
             return
-        self._warn_second_optimizer(optimizer)
+        self.follower.tick(optimizer)
         self.step()
 
     def rebaseline(self, index: int) -> None:
@@ -152,40 +138,7 @@ class Guard:
         self.last_penalty = None if total is None else total.detach()
         return total
 
-    def _follows(self, optimizer: torch.optim.Optimizer) -> bool:
-        """The optimizer given to :meth:`attach`, else any optimizer holding a guarded weight."""
-        if self._attached is not None:
-            return self._attached() is optimizer
-        key = (len(optimizer.param_groups), sum(len(g["params"]) for g in optimizer.param_groups))
-        cached = self._owner_cache.get(optimizer)
-        if cached is None or cached[0] != key:
-            ours = {id(layer.weight) for layer in self.layers}
-            cached = (key, any(id(p) in ours for g in optimizer.param_groups
-                               for p in g["params"]))
-            self._owner_cache[optimizer] = cached
-        return cached[1]
-
-    def _warn_second_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._attached is None and optimizer not in self._ticked:
-            self._ticked.add(optimizer)
-            if len(self._ticked) == 2:
-                warnings.warn("two optimizers holding guarded weights step the guard: its "
-                              "clock advances at each of their steps (twice per iteration); "
-                              "call guard.attach(optimizer) to follow one", stacklevel=4)
-
     # -- public API ---------------------------------------------------------------------------
-
-    @property
-    def layers(self) -> list[GuardedLayer]:
-        return self.cycle.layers
-
-    @property
-    def by_name(self) -> dict[str, GuardedLayer]:
-        return self.cycle.by_name
-
-    @property
-    def history(self) -> Any:
-        return self.cycle.history
 
     @property
     def layer_names(self) -> list[str]:
@@ -207,10 +160,8 @@ class Guard:
                 for i in self.cycle.sampled(self._step if step is None else step)]
 
     def penalty(self, device: torch.device | str | None = None) -> Tensor:
-        """The penalty of the training forwards since the last call not already added to a
-        loss: ``count * penalty_scale * sum_treated lambda P(W)``, differentiable in the
-        weights; a zero scalar when nothing is pending or treated. ``device``: default the
-        device of the last guarded layer (where a split model usually computes its loss)."""
+        """``count * penalty_scale * sum_treated lambda P(W)`` for the training forwards not
+        already added to a loss (zero when none), on ``device`` (default: the last layer's)."""
         count, self._forwards = self._forwards, 0
         if device is None:
             device = self.layers[-1].weight.device if self.layers else torch.device("cpu")
@@ -222,7 +173,7 @@ class Guard:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Guard:
         """Follow only ``optimizer``'s steps (instead of any optimizer holding guarded weights)."""
-        self._attached = weakref.ref(optimizer)
+        self.follower.attach(optimizer)
         return self
 
     def stats(self) -> dict[str, Any]:
@@ -231,28 +182,22 @@ class Guard:
         return report.stats(self)
 
     def metrics(self) -> dict[str, float]:
-        """Flat numbers for loggers (reads the last penalty from the device: not in the step):
-        ``interventions``, ``msigns``, ``treated_layers``, ``nonfinite_layers`` (totals);
-        ``lr_scale``; ``min_effective_rank_retention``; ``mean_stable_rank_ratio`` (``SR / k``
-        of the biopsies); ``penalty`` (the last penalty built, 0 if none); attention metrics."""
+        """Flat numbers for loggers (:func:`.stats.metrics`; reads the last penalty)."""
         return report.metrics(self)
 
     def report(self, console: Any = None) -> None:
         """Print :meth:`stats` as a rich table."""
         from .report import render_stats
-
         render_stats(self.stats(), console)
 
     def log_to(self, writer: Any, step: int | None = None) -> None:
         """Write per-layer scalars to a TensorBoard ``SummaryWriter`` (tensorboard extra)."""
         from ..integrations.tensorboard import log_guard
-
         log_guard(self, writer, self._step if step is None else step)
 
     def plot(self, path: Any) -> None:
         """Draw each layer's readings over the steps, interventions marked (plot extra)."""
         from ..integrations.plot import plot_guard_history
-
         plot_guard_history(self, path)
 
     def state_dict(self) -> dict[str, Any]:
@@ -275,7 +220,7 @@ class Guard:
         return self.model
 
     def _uninstall(self) -> None:
-        uninstall_layers(self.layers if hasattr(self, "cycle") else [])
+        uninstall_layers(self.layers)
         self.backoff.recover()   # removed from inside a step, or after one that raised
         for handle in self._root_handles:
             handle.remove()
@@ -291,12 +236,10 @@ class Guard:
         """A guard for the copied model (``copy.deepcopy(model)``: EMA, ``AveragedModel``)."""
         new = Guard.__new__(Guard)
         memo[id(self)] = new
-        fresh = {"_owner_cache", "_attached", "_root_handles", "_ticked"}
         for key, value in self.__dict__.items():
-            if key not in fresh:   # checks: a fresh worker (AsyncChecks.__deepcopy__)
+            if key != "_root_handles":   # checks, follower: fresh (their __deepcopy__)
                 setattr(new, key, copy.deepcopy(value, memo))
-        new._owner_cache, new._attached = weakref.WeakKeyDictionary(), None
-        new._ticked = weakref.WeakSet()
+        new.follower = Follower(lambda: [layer.weight for layer in new.layers])
         new._root_handles = rewire_copy(self._root_handles, new.layers, memo, weakref.ref(new))
         return new
 
@@ -314,13 +257,11 @@ def instrument(model: nn.Module, config: GuardConfig | str | Any = None, *,
         model: the model; parameters keep their identity (an existing optimizer keeps working).
         config: a :class:`GuardConfig`, a :class:`~spectral_guard.thresholds.Thresholds`, or
             the path of a thresholds file; ``None`` for the defaults.
-        alarm: the alarm policy (``alarm(guard) -> bool``; default
-            :func:`~spectral_guard.guard.signs.quorum_alarm`).
-        backoff: the learning-rate back-off object (default from ``lr_backoff``, ``lr_floor``).
+        alarm: the alarm policy ``alarm(guard) -> bool`` (default :func:`.signs.quorum_alarm`).
+        backoff: the learning-rate back-off (default from ``lr_backoff``, ``lr_floor``).
         **overrides: :class:`GuardConfig` fields to replace.
 
-    Returns:
-        The :class:`Guard`. If instrumenting fails part-way, the model is left as it was.
+    Returns the :class:`Guard`; if instrumenting fails part-way, the model is left as it was.
 
     Example:
         >>> guard = spectral_guard.instrument(model, ratio=0.1)

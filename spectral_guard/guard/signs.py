@@ -14,6 +14,7 @@ that looked randomly initialized; a sign by the alarm backs the learning rate of
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,17 @@ from .msign import msign_
 
 Alarm = Callable[[Any], bool]
 """An alarm policy: ``alarm(guard) -> bool`` (host values only)."""
+
+
+def warn_if_blind(config: GuardConfig) -> None:
+    """Warn when a layer is checked less often than ``msign_fall`` steps (the alarm's quorum
+    half could never fire)."""
+    if not config.sees_falls:
+        warnings.warn(f"a layer is checked every {config.check_period} steps (every="
+                      f"{config.every}, ratio={config.ratio}), more than msign_fall="
+                      f"{config.msign_fall}: the alarm cannot see a sudden collapse, so "
+                      "only its attention half can raise it; raise ratio or msign_fall "
+                      "(guard/alarm.py)", stacklevel=4)
 
 
 def collapse_treated(layers: list[GuardedLayer], config: GuardConfig,
