@@ -18,7 +18,7 @@ import spectral_guard.audit.measure as measure_mod
 from spectral_guard.audit import audit
 from spectral_guard.checkpoint import CheckpointError
 from spectral_guard.estimators import biopsy_indices, name_seed, spectral_metrics
-from spectral_guard.thresholds import Rule, Thresholds, ThresholdsError
+from spectral_guard.thresholds import Rule, Thresholds, ThresholdsError, load_thresholds
 from spectral_guard.verdict import STATUSES
 
 OFF = Thresholds(Rule(), (), {})
@@ -66,7 +66,9 @@ def test_streamed_biopsy_matches_in_memory_biopsy_and_float64_reference(tmp_path
         assert getattr(m, key) == pytest.approx(value, rel=1e-4), key
     mem = spectral_metrics(W[rows][:, cols], mode="exact")
     assert m.stable_rank == pytest.approx(mem.stable_rank, rel=1e-6)
-    assert m.alpha == pytest.approx(mem.alpha, rel=1e-6)
+    # same xmin and tail (5 of 48 eigenvalues); the MLE over so few log eigenvalues turns the
+    # float32-SVD vs float64-Gram eigenvalue differences (up to 9e-7 here) into 1.3e-6 on alpha
+    assert m.alpha == pytest.approx(mem.alpha, rel=1e-5)
 
 
 def test_biopsy_shape_rule():
@@ -471,3 +473,25 @@ def test_dead_columns_zero_in_first_row_only(tmp_path, mode, small_chunks):
     m = audit(p, mode=mode, limit=16, thresholds=OFF).matrices[0]
     assert m.dead_cols == 2
     assert m.dead_rows == 0
+
+
+def test_measure_matrices_is_the_audit_without_a_verdict(tmp_path):
+    # the public measuring entry calibration uses: same matrices, same values, no status
+    from spectral_guard.audit import judge_results, measure_matrices
+
+    tensors = gaussian_matrices()
+    tensors["layers.2.dead.weight"] = torch.zeros(40, 30)
+    p = tmp_path / "m.safetensors"
+    save_file(tensors, str(p))
+    for mode in ("biopsy", "exact"):
+        measured = measure_matrices(p, mode=mode, limit=48, seed=3)
+        assert sorted(m.name for m in measured) == sorted(tensors)
+        assert all(m.status == "ok" and m.group is None and m.reasons == [] for m in measured)
+        audited = by_name(audit(p, mode=mode, limit=48, seed=3))
+        for m in measured:
+            a = audited[m.name]
+            assert (m.stable_rank, m.condition_number, m.alpha, m.dead_rows, m.measured_shape) \
+                == (a.stable_rank, a.condition_number, a.alpha, a.dead_rows, a.measured_shape)
+        judge_results(measured, load_thresholds(None))
+        assert {m.name: m.status for m in measured} == {n: a.status for n, a in audited.items()}
+        assert audited["layers.2.dead.weight"].status == "dead_units"
