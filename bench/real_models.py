@@ -7,8 +7,10 @@ package is installed, no pickle is executed: ``torch.load(weights_only=True)``).
 are trained here by ``bench/train_corpus_decoders.py --cache DIR`` (a few minutes each on CPU);
 a missing one is reported with that command and skipped.
 
-For every model, through the installed CLI (``spectral-guard``, ``--json``), so the measurement
-does not depend on the library's internals:
+For every model, through the CLI with ``--json`` (its own entry point, called in a forked child
+of this process so the imports are paid once; ``--runner exec`` runs the console script each
+time; ``--src DIR`` takes spectral_guard from another source tree, e.g. an older commit's
+``git archive``), so the measurement does not depend on the library's internals:
 
 1. **audit** in ``--mode biopsy`` and ``--mode exact`` with the default thresholds: matrices,
    false flags (matrices whose status is not ``ok``; every corpus model is healthy), status
@@ -27,7 +29,7 @@ Prints versions and hardware, then the tables; ``--json FILE`` also writes every
 
     python bench/real_models.py [--cache DIR] [--models a,b] [--inject-modes biopsy[,exact]]
                                 [--calib-mode biopsy] [--no-fetch] [--skip-inject] [--skip-cross]
-                                [--json FILE]
+                                [--runner fork|exec] [--src DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -596,17 +598,22 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['exit']:>4} {r['seconds']:>7.1f}  {fmt_flags(r)}",
                     flush=True,
                 )
-    readings = {}
+    readings: dict[str, dict[str, list[str]]] = {}  # "model: tensor" -> reading -> where
     for key, r in audits.items():
+        label, mode = key.split("|")
+        model, _, file = label.partition(" [")
         for tensor, rd in r.get("reading", {}).items():
-            readings.setdefault(f"{key.split('|')[0]}: {tensor}", (rd, key.split("|")[1]))
+            how = f"{rd['tensor_shape']} -> {rd['matrices']} x {rd['shape']}" + (
+                f" group {rd['group']}" if rd["group"] else ""
+            )
+            where = readings.setdefault(f"{model}: {tensor}", {}).setdefault(how, [])
+            where.append(f"{file.rstrip(']') or 'safetensors'} {mode}")
     if readings:
         print("  tensors of 3+ dimensions, as read (tensor shape -> matrices x measured shape):")
-        for k, (rd, mode) in readings.items():
-            print(
-                f"    {k} {rd['tensor_shape']} -> {rd['matrices']} x {rd['shape']}"
-                f"{' group ' + str(rd['group']) if rd['group'] else ''} ({mode})"
-            )
+        for k, hows in readings.items():
+            one = len(hows) == 1
+            for how, where in hows.items():
+                print(f"    {k} {how}" + ("" if one else f" ({', '.join(where)})"))
     result["audit"] = {
         k: {x: v for x, v in r.items() if x != "by_tensor"} for k, r in audits.items()
     }
