@@ -225,23 +225,37 @@ def test_refused_random_references_print_no_self_audit(family, tmp_path):  # noq
     assert "Nothing written" in r.stdout and "Self-audit" not in r.stdout
 
 
+def test_logit_limits_are_shipped_and_only_raised_to_pass_a_reference():
+    rule = CalibrationRule()
+    many = [float(v) for v in range(5, 25)]  # 20 healthy pairs, all under the shipped 32
+    item = learn("logit_typical_max", many, "ceiling", rule, 32.0, "shipped", False)
+    assert item.value == 32.0 and not item.widened  # never tightened by one model's spread
+    item = learn("logit_typical_max", [*many, 40.0], "ceiling", rule, 32.0, "shipped", False)
+    assert item.widened and item.value >= 40.0 / 0.9
+    item = learn("logit_scale_max", [300.0, 900.0], "ceiling", rule, None, "shipped", False)
+    assert item.value is None  # a limit the shipped rule leaves off stays off
+
+
 def test_logit_provenance_matches_the_file(family, tmp_path):  # noqa: F811
-    shipped = default_thresholds().default.logit_scale_max
+    shipped = default_thresholds().default
+    q_name = "model.layers.0.self_attn.q_proj.weight"
     cal = calibrate(family.references[0])  # no config.json: the audit measures no pair
     prov = cal.thresholds.provenance["q_k_logit_scale"]
     assert "no attention pair" in prov and "not reported" not in prov
-    assert cal.thresholds.rule_for("model.layers.0.self_attn.q_proj.weight"
-                                   ).logit_scale_max == shipped
+    rule = cal.thresholds.rule_for(q_name)
+    assert rule.logit_typical_max == shipped.logit_typical_max
+    assert rule.logit_scale_max == shipped.logit_scale_max
     folder = tmp_path / "with_config"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(family.references[0].read_bytes())
     (folder / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
     cal = calibrate(folder / "model.safetensors")
     prov = cal.thresholds.provenance["q_k_logit_scale"]
-    scales = [m.logit_scale for m in cal.matrices if m.logit_scale is not None]
-    assert scales and "learned" in prov and "2 attention pair(s)" in prov
-    learned = cal.thresholds.rule_for("model.layers.0.self_attn.q_proj.weight").logit_scale_max
-    assert learned >= max(scales) / 0.9
+    typical = [m.logit_typical for m in cal.matrices if m.logit_typical is not None]
+    assert len(typical) == 4 and "2 attention pair(s)" in prov  # q and k of 2 layers
+    assert "logit_typical_max" in prov and "shipped" in prov
+    limit = cal.thresholds.rule_for(q_name).logit_typical_max
+    assert limit == max(shipped.logit_typical_max, round_toward(max(typical) / 0.9, "ceiling"))
     assert cal.self_audit.clean
 
 

@@ -47,11 +47,14 @@ groups are name patterns of their own)."""
 
 
 def is_conv(m: MatrixResult) -> bool:
-    """A matrix read from a tensor of >= 3 dimensions that is not an expert of a stack."""
+    """A matrix read from a tensor of >= 3 dimensions that is not an expert of a stack (the
+    audit's ``read_as``; a slice ``name[i]`` of a tensor whose name does not say experts is
+    taken for a conv too, whoever read it that way)."""
     if len(m.tensor_shape) < 3:
         return False
-    expert_slice = m.name != m.tensor
-    return not (expert_slice and role_group(m.tensor) == "mlp")
+    if m.read_as.startswith("experts"):
+        return role_group(m.tensor) != "mlp"
+    return True
 
 
 def group_of(m: MatrixResult) -> str:

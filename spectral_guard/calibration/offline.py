@@ -68,10 +68,7 @@ def _audit_references(refs: list[Any], *, mode: str, limit: int, seed: int,
                       progress: Callable[[int, int, str], None] | None
                       ) -> tuple[list[Report], list[dict[str, Any]]]:
     """One audit per reference, its files hashed on a thread meanwhile."""
-    try:
-        from ..audit import audit
-    except ImportError:  # before the audit became a package
-        from ..audit import audit
+    from ..audit import audit
 
     reports: list[Report] = []
     described: list[dict[str, Any]] = []

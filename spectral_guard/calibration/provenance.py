@@ -15,7 +15,7 @@ from typing import Any
 from .. import __version__
 from .build import HYGIENE_FIELDS
 from .random_weights import RandomCheck
-from .rule import CEILINGS, CalibrationRule
+from .rule import CEILINGS, WIDEN_ONLY, CalibrationRule
 
 HASH_BLOCK = 8 * 1024 * 1024
 
@@ -64,16 +64,16 @@ def reference_files(path: str | Path) -> list[Path]:
 
 
 def logit_provenance(logit_pairs: int) -> str:
-    """Where the file's q-k logit ceiling comes from (the audit's attention pass reports each
-    pair's statistic on both of its matrices; calibration learns its ceiling like the others)."""
-    if "logit_scale_max" not in CEILINGS:
-        return "not learned: kept from the shipped defaults"
+    """Where the file's q-k logit limits come from (the audit's attention pass reports each
+    pair's statistics on both of its matrices and judges them against these fields)."""
+    fields = ", ".join(f for f in CEILINGS if f in WIDEN_ONLY) or "none"
     if logit_pairs:
-        return (f"logit_scale_max learned per group like the other ceilings, from the logit "
-                f"scale the audit reported for {logit_pairs} attention pair(s) of the "
-                "references")
-    return ("logit_scale_max kept from the shipped rule of each role: the audit measured no "
-            "attention pair of the references (no head count known)")
+        return (f"{fields}: the shipped rule of each role (limits set across models, "
+                "docs/audit.md), raised only where one of the "
+                f"{logit_pairs} attention pair(s) the audit measured on the references "
+                "exceeds it (to its value / reference_margin)")
+    return (f"{fields}: the shipped rule of each role; the audit measured no attention pair "
+            "of the references (no head count known), so nothing was checked against them")
 
 
 def utc_now() -> str:

@@ -5,7 +5,7 @@ of them (``x_1 .. x_n``, only the values the audit's verdict reads: see :func:`m
 
 * a floor (``stable_rank_min``, ``stable_rank_ratio_min``, ``effective_rank_ratio_min``,
   ``alpha_min``) is ``min(base, r * min_i x_i)``;
-* a ceiling (``condition_number_max``, ``alpha_max``, ``logit_scale_max``) is
+* a ceiling (``condition_number_max``, ``alpha_max``, the q-k logit limits) is
   ``max(base, max_i x_i / r)``, and off (``null``) when ``max_i x_i`` is infinite (a singular
   reference: no finite ceiling passes it);
 
@@ -14,8 +14,9 @@ with ``r = reference_margin`` (default 0.9, in ``(0, 1]``) and ``base``
 * ``P_floor(x) * floor_margin`` / ``P_ceiling(x) * ceiling_margin`` (defaults: the seed paper's
   ``P10 x 0.8`` and ``P90 x 1.5``; off when that percentile is infinite) when the group has at
   least ``min_group`` values;
-* otherwise the value the caller passes as the group's fallback (the shipped rule of the
-  group's own role: see :mod:`spectral_guard.calibration.build`); an off fallback stays off.
+* otherwise, and always for the q-k logit limits (:data:`WIDEN_ONLY`), the value the caller
+  passes as the group's fallback (the shipped rule of the group's own role: see
+  :mod:`spectral_guard.calibration.groups`); an off fallback stays off.
 
 Floors are rounded down and ceilings up to four significant digits. Hence every reference
 passes every learned check by construction: the verdict flags ``x < floor`` and
@@ -51,11 +52,19 @@ _RULE_FIELDS = {f.name for f in fields(Rule)}
 CEILINGS: dict[str, str] = {
     f: metric for f, metric in (("condition_number_max", "condition_number"),
                                 ("alpha_max", "alpha"),
+                                ("logit_typical_max", "logit_typical"),
                                 ("logit_scale_max", "logit_scale"))
     if f in _RULE_FIELDS
 }
-"""Ceiling fields: rule field -> the audited metric it bounds from above (``logit_scale``: the
-q-k logit statistic the audit's attention pass puts on both matrices of a pair)."""
+"""Ceiling fields: rule field -> the audited metric it bounds from above (``logit_typical``,
+``logit_scale``: the q-k logit statistics the audit's attention pass puts on both matrices of
+a pair)."""
+
+WIDEN_ONLY = ("logit_typical_max", "logit_scale_max")
+"""Ceilings that start from the fallback (the shipped rule of the group's role) whatever the
+group's size, and are only raised where a reference exceeds it: the audit's q-k logit limits
+separate healthy from runaway heads across models (docs/audit.md), so one model's percentiles
+would only make them tighter than that evidence supports."""
 
 COLLAPSE_METRICS = ("stable_rank", "stable_rank_ratio", "effective_rank_ratio")
 """The verdict reads these only when ``min(m, n) >= collapse_min_dim``; only those values are
@@ -187,16 +196,17 @@ def metric_values(results: Iterable[MatrixResult], metric: str,
 
 
 def learn(field_name: str, values: Sequence[float], kind: str, rule: CalibrationRule,
-          fallback: float | None, fallback_from: str) -> Learned:
+          fallback: float | None, fallback_from: str, percentile_rule: bool = True) -> Learned:
     """One threshold by the law (module docstring). ``kind``: ``"floor"`` or ``"ceiling"``;
-    ``fallback``: the value used when fewer than ``rule.min_group`` values were measured."""
+    ``fallback``: the value used when fewer than ``rule.min_group`` values were measured, or
+    always when ``percentile_rule`` is false."""
     n = len(values)
     if n == 0:
         return Learned(field_name, fallback, kind, 0, "none", fallback_from=fallback_from,
                        note="no measured value: " + fallback_from)
     floor = kind == "floor"
     extreme = min(values) if floor else max(values)
-    if n >= rule.min_group:
+    if percentile_rule and n >= rule.min_group:
         q, margin = ((rule.floor_percentile, rule.floor_margin) if floor
                      else (rule.ceiling_percentile, rule.ceiling_margin))
         at = percentile(values, q)
@@ -207,7 +217,8 @@ def learn(field_name: str, values: Sequence[float], kind: str, rule: Calibration
     else:
         item = Learned(field_name, fallback, kind, n, "fallback", extreme=extreme,
                        fallback_from=fallback_from,
-                       note=f"{n} value{'s' if n != 1 else ''}, fewer than {rule.min_group}: "
+                       note=(f"{n} value{'s' if n != 1 else ''}, fewer than "
+                             f"{rule.min_group}: " if percentile_rule else "")
                        + fallback_from)
     if item.value is None:
         return item
@@ -235,7 +246,7 @@ def learn_fields(results: Sequence[MatrixResult], rule: CalibrationRule, min_dim
     for table, kind in ((FLOORS, "floor"), (CEILINGS, "ceiling")):
         for f, metric in table.items():
             learned[f] = learn(f, metric_values(results, metric, min_dim), kind, rule,
-                               getattr(fallback, f), fallback_from)
+                               getattr(fallback, f), fallback_from, f not in WIDEN_ONLY)
     return learned
 
 

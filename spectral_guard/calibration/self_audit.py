@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..thresholds import Thresholds
-from ..verdict import DEFAULT_FAIL_ON, Observation, judge
+from ..verdict import DEFAULT_FAIL_ON, judge
 
 if TYPE_CHECKING:
     from ..audit import MatrixResult
@@ -47,28 +47,15 @@ class SelfAudit:
         return asdict(self)
 
 
-def observation(m: MatrixResult) -> Observation:
-    """What the verdict reads of an audited matrix (its condition number only when the matrix
-    is finite), as the audit builds it."""
-    rows, cols = m.shape
-    return Observation(
-        min_dim=min(rows, cols), rows=rows, cols=cols, nonfinite=m.nonfinite,
-        dead_rows=m.dead_rows, dead_cols=m.dead_cols, stable_rank=m.stable_rank,
-        stable_rank_ratio=m.stable_rank_ratio, effective_rank_ratio=m.effective_rank_ratio,
-        condition_number=m.condition_number if m.nonfinite == 0 else None, alpha=m.alpha,
-        duplicate_rows=m.duplicate_rows, duplicate_sample=m.duplicate_sample,
-        logit_scale=getattr(m, "logit_scale", None))
-
-
 def rejudge(results: Iterable[MatrixResult], thresholds: Thresholds,
             fail_on: Sequence[str] | None = None) -> SelfAudit:
-    """Statuses the audit would give these measured matrices under ``thresholds``."""
+    """Statuses the audit would give these measured matrices under ``thresholds`` (what it
+    reads of each: :meth:`~spectral_guard.audit.MatrixResult.observation`)."""
     policy = tuple(DEFAULT_FAIL_ON if fail_on is None else fail_on)
     audit = SelfAudit(0, {}, 0, [])
     for m in results:
         audit.matrices += 1
-        obs = m.observation() if hasattr(m, "observation") else observation(m)
-        status, reasons = judge(obs, thresholds.rule_for(m.name))
+        status, reasons = judge(m.observation(), thresholds.rule_for(m.name))
         if status != "ok":
             audit.flagged[status] = audit.flagged.get(status, 0) + 1
             audit.names.append(m.name)
