@@ -232,8 +232,8 @@ def _ks_distances(L: Tensor, alpha: Tensor, chunk_elements: int) -> Tensor:
         inv_n = 1.0 / (N - torch.arange(i0, i1, dtype=L.dtype))[:, None]
         t = torch.addcmul(-s * L[i0:i1, None], s, L[None, i0:]).clamp_(-40.0, 0.0)
         step = torch.addcmul(minus_one, offsets[:i1 - i0, :N - i0], inv_n).clamp_min_(-1.0)
-        lo, hi = torch.aminmax(torch.exp_(t).add_(step), dim=1)  # 1 - F_fit - F_emp, negated
-        D[i0:i1] = torch.where(alpha[i0:i1] > 1, torch.maximum(hi, -lo), 1.0)
+        dist = torch.exp_(t).add_(step).abs_().amax(dim=1)  # |1 - F_fit - F_emp|, row max
+        D[i0:i1] = torch.where(alpha[i0:i1] > 1, dist, 1.0)
     return D
 
 
