@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..thresholds import Thresholds
+from ..thresholds import Thresholds, default_thresholds
 from .groups import UNGUARDED_GROUPS, group_of, shipped_rule, shipped_source
 from .rule import CalibrationRule, Learned, learn, round_toward
 
@@ -58,8 +58,6 @@ def learn_retention(runs: Sequence[Sequence[MatrixResult]], rule: CalibrationRul
     """Guard fields per group (unguarded groups excluded) from successive checkpoints of one
     run, earliest first; a group with fewer than ``rule.min_group`` drifts of a field keeps the
     shipped value of its role."""
-    from ..thresholds import default_thresholds
-
     shipped = shipped or default_thresholds()
     out: dict[str, dict[str, Learned]] = {}
     for group, values in drifts(runs).items():
