@@ -8,10 +8,14 @@ launches nothing on the device).
 
 Model: a 4-layer d=128 Llama-like ``LlamaForCausalLM`` built from a config (4 heads, 2 kv
 heads, MLP 344, vocab 512), batch 4 x 64, AdamW (foreach). Printed per arm: mean aten ops per
-step of the forward + backward, of ``optimizer.step()`` (guard hooks included), and what the
-guard adds over the plain model's step, over ``--steps`` steps after ``--warmup``.
+step of the forward + backward, of ``optimizer.step()`` (guard hooks included), what the
+guard adds over the plain model's step, and of those the ones that are not views (views are
+metadata: no launch), over ``--steps`` steps after ``--warmup``. Arms: ``defaults``,
+``ratio1`` (every layer checked every step), ``treated`` (defaults with every layer given a
+collapse lambda before each step: every layer's penalty term and vector refresh).
 
     python bench/op_budget.py                     # defaults, ratio=1, every layer treated
+    python bench/op_budget.py --stack             # the GPU path (same-shape layers stacked)
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import spectral_guard
+
+METADATA = frozenset({"view", "_unsafe_view", "permute", "unsqueeze", "squeeze", "expand",
+                      "transpose", "t", "detach", "alias", "select", "slice", "unbind",
+                      "as_strided", "split", "chunk", "reshape", "_reshape_alias", "lift_fresh"})
+"""Ops that only make a new view of a tensor: no kernel launch on a GPU."""
 
 
 class OpCount(TorchDispatchMode):
@@ -39,6 +48,11 @@ class OpCount(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def kernels(self) -> int:
+        """Ops that are not views (each at least one kernel launch on a GPU)."""
+        return sum(n for op, n in self.ops.items() if op not in METADATA)
 
 
 def build(seed: int = 0) -> torch.nn.Module:
@@ -67,7 +81,7 @@ def measure(arm: str, steps: int, warmup: int) -> dict[str, float]:
         guard = spectral_guard.instrument(model, **kw)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     g = torch.Generator().manual_seed(0)
-    fb = st = 0
+    fb = st = kfb = kst = 0
     for step in range(warmup + steps):
         if guard is not None and arm == "treated":
             treat_every_layer(guard)
@@ -79,11 +93,12 @@ def measure(arm: str, steps: int, warmup: int) -> dict[str, float]:
             opt.step()
         opt.zero_grad(set_to_none=True)
         if step >= warmup:
-            fb += c1.total
-            st += c2.total
+            fb, kfb = fb + c1.total, kfb + c1.kernels
+            st, kst = st + c2.total, kst + c2.kernels
     if guard is not None:
         guard.remove()
-    return {"forward_backward": fb / steps, "optimizer_step": st / steps}
+    return {"forward_backward": fb / steps, "optimizer_step": st / steps,
+            "kernels": (kfb + kst) / steps}
 
 
 def main() -> None:
@@ -91,16 +106,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--arms", default="plain,defaults,ratio1,treated")
+    ap.add_argument("--stack", action="store_true",
+                    help="stack same-shape layers on the CPU too, as the guard does on a GPU")
     args = ap.parse_args()
+    if args.stack:
+        from spectral_guard.guard import worker
+
+        worker.STACK_ON = worker.STACK_ON | {"cpu"}
     torch.set_num_threads(1)
     rows = {arm: measure(arm, args.steps, args.warmup) for arm in args.arms.split(",")}
     plain = rows.get("plain")
-    print(f"{'arm':10s} {'fwd+bwd':>9s} {'opt.step':>9s} {'guard adds':>11s}")
+    print(f"{'arm':10s} {'fwd+bwd':>9s} {'opt.step':>9s} {'guard adds':>11s} "
+          f"{'of which kernels':>17s}")
     for arm, r in rows.items():
         total = r["forward_backward"] + r["optimizer_step"]
-        added = "" if plain is None or arm == "plain" else \
-            f"{total - plain['forward_backward'] - plain['optimizer_step']:11.1f}"
-        print(f"{arm:10s} {r['forward_backward']:9.1f} {r['optimizer_step']:9.1f} {added:>11s}")
+        added = kernels = ""
+        if plain is not None and arm != "plain":
+            added = f"{total - plain['forward_backward'] - plain['optimizer_step']:11.1f}"
+            kernels = f"{r['kernels'] - plain['kernels']:17.1f}"
+        print(f"{arm:10s} {r['forward_backward']:9.1f} {r['optimizer_step']:9.1f} {added:>11s} "
+              f"{kernels:>17s}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     ap.add_argument("--quick", action="store_true", help="CPU: 4 layers, d=256, seq 128")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("# --device cuda: no CUDA device here; nothing measured (skipped)")
+        return
+    if args.model == "llama":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("# --model llama needs transformers; nothing measured (skipped)")
+            return
     if args.quick:
         args.layers, args.d, args.heads = 4, 256, 4
     if args.seq is None:

@@ -281,3 +281,27 @@ def test_compiled_optimizer_step_runs_the_guard_eagerly_without_recompiles():
     for name in eager_sd:   # compiled AdamW rounds a little differently: 3e-5 here
         torch.testing.assert_close(comp_sd[name], eager_sd[name], atol=1e-4, rtol=1e-4)
     assert max((comp_sd[n] - plain_sd[n]).abs().max() for n in plain_sd) > 1e-2
+
+
+def test_stacked_same_shape_layers_read_what_one_by_one_layers_read(monkeypatch):
+    """The GPU path (same-shape layers as one batched power iteration and one biopsy gather,
+    worker.STACK_ON) forced on the CPU: the same biopsies, sigma and readings as the
+    one-layer-at-a-time CPU path, to rounding."""
+    from spectral_guard.guard import worker
+
+    runs = {}
+    for stacked in (False, True):
+        if stacked:
+            monkeypatch.setattr(worker, "STACK_ON", worker.STACK_ON | {"cpu"})
+        model = seeded_model(0, n_layers=2, d=32, seq=16)
+        guard = spectral_guard.instrument(model, ratio=1.0, biopsy_limit=24)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        _train(model, opt, _batches(3))
+        runs[stacked] = ({n: s["sensors"] for n, s in guard.stats()["layers"].items()},
+                         [layer.probe.u.clone() for layer in guard.layers])
+    (plain, u_plain), (stacked, u_stacked) = runs[False], runs[True]
+    for name, readings in plain.items():
+        for key, value in readings.items():
+            assert stacked[name][key] == pytest.approx(value, rel=1e-4, nan_ok=True), (name, key)
+    for a, b in zip(u_plain, u_stacked, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ from .msign import looks_random_init
 from .protocol import AsyncChecks, HostFn, Packer
 from .sampling import LayerSchedule, check_index
 from .state import LayerState
-from .worker import LayerEntry, Measurement, launch, refresh
+from .worker import LayerEntry, Measurement, launch, refresh_many
 
 Tensor = torch.Tensor
 BASELINE_POWER_ITERS = 20
@@ -63,10 +63,10 @@ class LayerChecks:
         with torch.no_grad():
             if self.config.actuator == "spectral":
                 checked = set(sampled)  # a check refreshes its own layers' vectors
-                for layer in self.layers:
-                    if layer.index not in checked and layer.state.treated \
-                            and layer.state.lambdas["collapse"] > 0:
-                        refresh(layer.probe, layer.weight, self.config.power_iters)
+                refresh_many([(layer.probe, layer.weight) for layer in self.layers
+                              if layer.index not in checked and layer.state.treated
+                              and layer.state.lambdas["collapse"] > 0],
+                             self.config.power_iters)
             entries = [self.entry(self.layers[i], self._conditioning(self.layers[i]))
                        for i in sampled]
             return launch(entries, self.config.power_iters, packer)

@@ -50,6 +50,10 @@ class Slot:
     offset: int
     numel: int
 
+    def part(self, k: int, numel: int) -> Slot:
+        """The ``k``-th of consecutive ``numel``-long pieces of this slot (a stacked put)."""
+        return Slot(self.device, self.offset + k * numel, numel)
+
 
 class Packer:
     """One step's device half: flattened tensors collected per device (no copy yet).
