@@ -165,7 +165,7 @@ class AttentionGuard:
     """
 
     BASELINE_ITERS = 30
-    NAME = "attention"
+    name = "attention"
 
     def __init__(self, model: nn.Module, config: Any, layer_names: Sequence[str] = (),
                  checks: AsyncChecks | None = None) -> None:
@@ -201,8 +201,9 @@ class AttentionGuard:
                 if max_scale is None and math.isfinite(self.states[i].baseline):
                     self.states[i].target = max(self.states[i].target,
                                                 BASELINE_MARGIN * self.states[i].baseline)
+        self._armed = False   # the launch at instrumentation measures, never rescales
         if self._owns_checks:
-            self._cycle(0, act=False)
+            self.checks.advance(0, [self], apply=False)
 
     # -- device half ---------------------------------------------------------------------------
 
@@ -221,13 +222,14 @@ class AttentionGuard:
             self._v[i].copy_(v)
         return sigma / math.sqrt(p.head_dim)
 
-    def launch(self, step: int, packer: Packer, act: bool = True) -> HostFn | None:
+    def launch(self, step: int, packer: Packer) -> HostFn | None:
         """Device half at the advance to ``step``: power iterations of the sampled and treated
-        pairs (every pair, and the rescale itself, for that actuator), the sampled pairs'
-        scales put into ``packer``. Returns the host half (``None`` when nothing is sampled)."""
+        pairs (every pair, and the rescale itself, for that actuator, after the first launch),
+        the sampled pairs' scales put into ``packer``. Returns the host half (``None`` when
+        nothing is sampled)."""
         check = check_index(step, self.config.every)
         sampled = set(self._schedule.layers_for_check(check)) if check is not None else set()
-        rescale = act and self.actuator == "rescale"
+        rescale, self._armed = self._armed and self.actuator == "rescale", True
         iters = max(self.config.power_iters, RESCALE_ITERS) if rescale else \
             self.config.power_iters
         if rescale:
@@ -253,7 +255,7 @@ class AttentionGuard:
             return None
         return lambda shipment: [x for slot in slots for x in shipment.read(slot).tolist()]
 
-    def apply(self, values: list[float] | None) -> None:
+    def apply(self, values: list[float] | None, step: int = -1) -> None:
         """Host half's result of the last launch (``None``: nothing was launched): the
         thermostat update of the pairs it read."""
         launched, self._launched = self._launched, None
@@ -276,20 +278,13 @@ class AttentionGuard:
                 st.lam = update_lambda(st.lam, fired, sev, self.lambda_base, self.config.gain,
                                        self.config.decay, self.config.lambda_floor)
 
-    def _cycle(self, step: int, act: bool = True) -> None:
-        """One cycle of the protocol on this component's own checks (standalone use)."""
-        inflight = self.checks.collect()
-        self.apply(None if inflight is None else inflight.result().get(self.NAME))
-        packer = Packer()
-        host = self.launch(step, packer, act)
-        self.checks.launch(step, packer, {self.NAME: host} if host else {})
-
     def on_step(self, step: int) -> None:
         """Clock advance to ``step`` (standalone): apply the readings launched at
         ``step - 1`` (thermostat), then launch this step's power iterations (and rescale, for
-        that actuator). Driven by a guard, the guard calls :meth:`apply` and :meth:`launch`."""
+        that actuator). Driven by a guard, the guard's cycle calls :meth:`apply` and
+        :meth:`launch`."""
         self._step = int(step)
-        self._cycle(self._step)
+        self.checks.advance(self._step, [self])
 
     def alarm(self, factor: float = 1.0) -> bool:
         """Is any pair's latest scale over ``factor`` times its target?"""
@@ -341,7 +336,7 @@ class AttentionGuard:
     def state_dict(self) -> dict[str, Any]:
         """Host state per pair, the power-iteration vectors and the readings in flight."""
         pending = None
-        inflight = self.checks.pending(self.NAME)
+        inflight = self.checks.pending(self.name)
         if inflight is not None and self._launched is not None:
             pending = {"step": self._launched.step,
                        "pairs": [self.pairs[i].name for i in self._launched.pairs],
@@ -378,7 +373,7 @@ class AttentionGuard:
         if pending is not None:
             self._launched = Launched(int(pending["step"]),
                                       [names.index(n) for n in pending["pairs"]])
-            self.checks.restore(int(pending["step"]), self.NAME,
+            self.checks.restore(int(pending["step"]), self.name,
                                 [float(x) for x in pending["values"].tolist()])
 
     def remove(self) -> None:

@@ -30,12 +30,14 @@ NAME = "layers"
 
 
 class LayerChecks:
-    """The guarded layers and their check cycle.
+    """The guarded layers and their check cycle (a :class:`~.protocol.Component`).
 
     Args:
         layers: the installed layers (their ``state`` is read and written here).
         config: the guard's configuration.
     """
+
+    name = NAME
 
     def __init__(self, layers: list[GuardedLayer], config: GuardConfig) -> None:
         self.layers = layers
@@ -99,9 +101,9 @@ class LayerChecks:
 
     # -- host half, one step later -------------------------------------------------------------
 
-    def apply(self, measured: list[Measurement], step: int) -> None:
+    def apply(self, measured: list[Measurement] | None, step: int) -> None:
         """Apply the check launched at ``step`` (measurements of replaced weights dropped)."""
-        for m in measured:
+        for m in measured or []:
             layer = self.layers[m.index]
             if m.generation == layer.state.generation:
                 self._apply(layer, m, step)

@@ -83,28 +83,16 @@ def _after_forward(guard_ref: weakref.ref, module: nn.Module, output: Any) -> An
     return guard.after_forward(output)
 
 
-def optimizer_pre_hook(guard_ref: weakref.ref) -> Callable[..., None]:
-    """The global optimizer step pre-hook: ``guard.before_optimizer_step(optimizer)`` (the
-    learning-rate back-off); holds the guard weakly."""
+def optimizer_hook(guard_ref: weakref.ref, pre: bool) -> Callable[..., None]:
+    """A global optimizer step hook holding the guard weakly: the pre-hook calls
+    ``guard.before_optimizer_step(optimizer)`` (the learning-rate back-off), the post-hook
+    ``guard.after_optimizer_step(optimizer)`` (the clock)."""
 
     @torch.compiler.disable
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         guard = guard_ref()
         if guard is not None:
-            guard.before_optimizer_step(optimizer)
-
-    return hook
-
-
-def optimizer_post_hook(guard_ref: weakref.ref) -> Callable[..., None]:
-    """The global optimizer step post-hook: ``guard.after_optimizer_step(optimizer)`` (the
-    clock); holds the guard weakly."""
-
-    @torch.compiler.disable
-    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        guard = guard_ref()
-        if guard is not None:
-            guard.after_optimizer_step(optimizer)
+            (guard.before_optimizer_step if pre else guard.after_optimizer_step)(optimizer)
 
     return hook
 

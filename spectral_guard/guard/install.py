@@ -99,8 +99,8 @@ def root_hooks(model: nn.Module, guard_ref: weakref.ref) -> list[Any]:
 def optimizer_hooks(guard_ref: weakref.ref) -> list[Any]:
     """The global optimizer hooks of the guard behind ``guard_ref``: the step post-hook (its
     clock) and the pre-hook (the learning-rate back-off)."""
-    return [register_optimizer_step_post_hook(hooks.optimizer_post_hook(guard_ref)),
-            register_optimizer_step_pre_hook(hooks.optimizer_pre_hook(guard_ref))]
+    return [register_optimizer_step_post_hook(hooks.optimizer_hook(guard_ref, pre=False)),
+            register_optimizer_step_pre_hook(hooks.optimizer_hook(guard_ref, pre=True))]
 
 
 def uninstall_layers(layers: list[GuardedLayer]) -> None:
@@ -116,6 +116,16 @@ def uninstall_layers(layers: list[GuardedLayer]) -> None:
         ordered.update({k: v for k, v in params.items() if k not in ordered})
         params.clear()
         params.update(ordered)
+
+
+def uninstall(model: nn.Module, guard: Any, layers: list[GuardedLayer],
+              root_handles: list[Any]) -> None:
+    """Everything :func:`install_layers` and :func:`root_hooks` put on ``model``, off."""
+    uninstall_layers(layers)
+    for handle in root_handles:
+        handle.remove()
+    if getattr(model, "_spectral_guard", None) is guard:
+        del model._spectral_guard
 
 
 def rewire_copy(root_handles: list[Any], layers: list[GuardedLayer], memo: dict,

@@ -24,12 +24,12 @@ from .attention import AttentionGuard
 from .backoff import LRBackoff
 from .clock import Follower
 from .config import GuardConfig
-from .cycle import NAME, LayerChecks
+from .cycle import LayerChecks
 from .hooks import get_loss, set_loss
-from .install import GuardedLayer, install_layers, rewire_copy, root_hooks, uninstall_layers
+from .install import install_layers, rewire_copy, root_hooks, uninstall
 from .penalty import build
-from .protocol import AsyncChecks, Packer
-from .signs import Alarm, MatrixSigns, quorum_alarm, warn_if_blind
+from .protocol import AsyncChecks
+from .signs import Alarm, MatrixSigns, SignStep, quorum_alarm, warn_if_blind
 
 Tensor = torch.Tensor
 STATE_VERSION = persist.STATE_VERSION
@@ -56,29 +56,25 @@ class Guard:
         self.follower = Follower(lambda: [layer.weight for layer in self.layers])
         self._removed, self._root_handles = False, []
         ref = weakref.ref(self)
-        self.layers: list[GuardedLayer] = []
-        layers, self.skipped = install_layers(model, config, ref)
-        self.cycle = LayerChecks(layers, config)
-        self.layers, self.by_name, self.history = layers, self.cycle.by_name, self.cycle.history
+        self.layers, self.skipped = install_layers(model, config, ref)
+        self.cycle = LayerChecks(self.layers, config)
+        self.by_name, self.history = self.cycle.by_name, self.cycle.history
         try:
             self._root_handles = root_hooks(model, ref)
             model._spectral_guard = self  # lets spectral_guard.remove(model) find the guard
-            self.cycle.take_baselines(range(len(layers)), self.checks, 0)
+            self.cycle.take_baselines(range(len(self.layers)), self.checks, 0)
             if config.attention:
                 self.attention = AttentionGuard(model, config, self.layer_names, self.checks)
-            self._launch(0, act=False)
+            self.checks.advance(0, self._components(), apply=False)
         except BaseException:
             self._uninstall()
             raise
 
     # -- the clock (hook entry points) --------------------------------------------------------
 
-    def _launch(self, step: int, act: bool = True) -> None:
-        packer = Packer()
-        host = {NAME: self.cycle.launch(step, packer)}
-        if self.attention is not None:
-            host[AttentionGuard.NAME] = self.attention.launch(step, packer, act)
-        self.checks.launch(step, packer, {k: v for k, v in host.items() if v is not None})
+    def _components(self) -> list[Any]:
+        """The check cycle's order: layers, the matrix sign, attention."""
+        return [self.cycle, SignStep(self)] + ([self.attention] if self.attention else [])
 
     def step(self) -> None:
         """Advance the guard's clock by one optimizer step (automatic with ``step_on``)."""
@@ -86,15 +82,7 @@ class Guard:
         self._step += 1
         self._forwards = 0
         self.backoff.recover()
-        inflight = self.checks.collect()
-        results = {} if inflight is None else inflight.result()
-        if NAME in results:
-            self.cycle.apply(results[NAME], inflight.step)
-        flagged, self.cycle.collapse_flagged = self.cycle.collapse_flagged, []
-        self.signs.run(self, self._step, flagged)
-        if self.attention is not None:
-            self.attention.apply(results.get(AttentionGuard.NAME))
-        self._launch(self._step)
+        self.checks.advance(self._step, self._components())
         self._ns += time.perf_counter_ns() - t0
 
     def after_forward(self, output: Any) -> Any:
@@ -187,18 +175,15 @@ class Guard:
 
     def report(self, console: Any = None) -> None:
         """Print :meth:`stats` as a rich table."""
-        from .report import render_stats
-        render_stats(self.stats(), console)
+        report.render(self, console)
 
     def log_to(self, writer: Any, step: int | None = None) -> None:
         """Write per-layer scalars to a TensorBoard ``SummaryWriter`` (tensorboard extra)."""
-        from ..integrations.tensorboard import log_guard
-        log_guard(self, writer, self._step if step is None else step)
+        report.log_to(self, writer, self._step if step is None else step)
 
     def plot(self, path: Any) -> None:
         """Draw each layer's readings over the steps, interventions marked (plot extra)."""
-        from ..integrations.plot import plot_guard_history
-        plot_guard_history(self, path)
+        report.plot(self, path)
 
     def state_dict(self) -> dict[str, Any]:
         """Clock, per-layer state, the check in flight (:mod:`.persist`; waits for it)."""
@@ -220,17 +205,12 @@ class Guard:
         return self.model
 
     def _uninstall(self) -> None:
-        uninstall_layers(self.layers)
         self.backoff.recover()   # removed from inside a step, or after one that raised
-        for handle in self._root_handles:
-            handle.remove()
-        self._root_handles = []
+        uninstall(self.model, self, self.layers, self._root_handles)
+        self._root_handles, self._forwards = [], 0
         if self.attention is not None:
             self.attention.remove()
-        self._forwards = 0
         self.checks.shutdown()
-        if getattr(self.model, "_spectral_guard", None) is self:
-            del self.model._spectral_guard
 
     def __deepcopy__(self, memo: dict) -> Guard:
         """A guard for the copied model (``copy.deepcopy(model)``: EMA, ``AveragedModel``)."""

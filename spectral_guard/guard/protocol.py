@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -191,6 +191,17 @@ def _single_threaded() -> int:
     return threading.get_ident()
 
 
+class Component(Protocol):
+    """A part of the guard that checks through the protocol (layers, attention pairs) or acts
+    between the applies (the matrix sign): ``launch`` returns its host half or ``None``."""
+
+    name: str
+
+    def apply(self, result: Any | None, step: int) -> None: ...
+
+    def launch(self, step: int, packer: Packer) -> HostFn | None: ...
+
+
 def _host_half(shipment: Shipment, host_fns: dict[str, HostFn]) -> dict[str, Any]:
     shipment.wait()
     return {name: fn(shipment) for name, fn in host_fns.items()}
@@ -240,6 +251,20 @@ class AsyncChecks:
         for entry in used:
             entry[1] = future
         self.inflight = InFlight(step, future)
+
+    def advance(self, step: int, components: list[Component], apply: bool = True) -> None:
+        """One cycle at the advance to ``step``: each component applies its result of the
+        check in flight (launched at the previous step; ``None`` when it had none), in order;
+        then each launches into one packer, shipped once."""
+        inflight = self.collect()
+        if apply:
+            results = {} if inflight is None else inflight.result()
+            launched = -1 if inflight is None else inflight.step
+            for c in components:
+                c.apply(results.get(c.name), launched)
+        packer = Packer()
+        hosts = {c.name: c.launch(step, packer) for c in components}
+        self.launch(step, packer, {k: v for k, v in hosts.items() if v is not None})
 
     def collect(self) -> InFlight | None:
         """Step 1: the check in flight (its results are ``.result()``), now taken."""

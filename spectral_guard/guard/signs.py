@@ -96,3 +96,22 @@ class MatrixSigns:
             signed_by_alarm |= id(layer) in by_alarm
         if signed_by_alarm:
             self.backoff.on_alarm()   # the alarm signed: the lr is too high (backoff.py)
+
+
+class SignStep:
+    """The matrix sign as a step of the check cycle (:meth:`.protocol.AsyncChecks.advance`):
+    after the layer checks are applied, before the attention readings are (the alarm reads the
+    attention scales of the previous step); it launches nothing."""
+
+    name = "signs"
+
+    def __init__(self, guard: Any) -> None:
+        self.guard = guard
+
+    def apply(self, result: Any, step: int) -> None:
+        g = self.guard
+        flagged, g.cycle.collapse_flagged = g.cycle.collapse_flagged, []
+        g.signs.run(g, g.global_step, flagged)
+
+    def launch(self, step: int, packer: Any) -> None:
+        return None

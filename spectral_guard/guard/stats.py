@@ -70,3 +70,24 @@ def metrics(guard: Any) -> dict[str, float]:
         "nonfinite_layers": float(t["nonfinite_layers"]),
         "penalty": float(last) if last is not None else 0.0,
     } | (guard.attention.metrics() if guard.attention is not None else {})
+
+
+def render(guard: Any, console: Any = None) -> None:
+    """``guard.report()``: :func:`stats` as a rich table."""
+    from .report import render_stats
+
+    render_stats(guard.stats(), console)
+
+
+def log_to(guard: Any, writer: Any, step: int) -> None:
+    """``guard.log_to()``: per-layer scalars to a TensorBoard ``SummaryWriter``."""
+    from ..integrations.tensorboard import log_guard
+
+    log_guard(guard, writer, step)
+
+
+def plot(guard: Any, path: Any) -> None:
+    """``guard.plot()``: each layer's readings over the steps."""
+    from ..integrations.plot import plot_guard_history
+
+    plot_guard_history(guard, path)
