@@ -4,8 +4,9 @@ thread anything?
 On a GPU the CPU runs ahead; the copy of a check's numbers lands only when the device has
 caught up, most of a step later. The guard's worker waits for it. This script gives the guard
 (``AsyncChecks(fence=...)``, :mod:`spectral_guard.guard.protocol`) an event-like object that
-becomes ready ``--lag`` of a plain step after it was recorded, with the real host half
-(``decompose``) behind it, and times the training thread's step, arms interleaved:
+becomes ready only after the forward and backward of the *next* step (set by the loop just
+before ``optimizer.step()``: most of a step later, whatever the machine's load), with the real
+host half (``decompose``) behind it, and times the training thread's step, arms interleaved:
 
 * ``plain``: no guard;
 * ``ready``: the guard with an event that is ready at once (the guard's own cost);
@@ -17,7 +18,7 @@ becomes ready ``--lag`` of a plain step after it was recorded, with the real hos
 The guard runs at its defaults (a check every step) unless ``--ratio``. Printed: the median
 paired ratio of each arm's step time to ``plain``.
 
-    python bench/lagging_device.py                  # 4 layers d=256, 40 steps, lag 0.8
+    python bench/lagging_device.py                  # 4 layers d=256, 40 steps
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ from spectral_guard.guard.protocol import AsyncChecks  # noqa: E402
 
 
 class LaggingEvent:
-    """Ready ``lag_s`` after it was recorded; ``synchronize()`` sleeps (no GIL held)."""
+    """Ready when the loop says so (:meth:`land`); ``synchronize()`` sleeps (no GIL held)."""
 
-    def __init__(self, lag_s: float) -> None:
+    def __init__(self, pending: list | None) -> None:
         self._ready = threading.Event()
-        self._timer = threading.Timer(lag_s, self._ready.set)
-        self._timer.daemon = True
-        self._timer.start()
         self.polls = 0
+        if pending is None:
+            self._ready.set()       # the "ready" arm: landed at once
+        else:
+            pending.append(self)
+
+    def land(self) -> None:
+        self._ready.set()
 
     def query(self) -> bool:
         self.polls += 1
@@ -66,8 +71,8 @@ class PollingEvent(LaggingEvent):
             time.sleep(5e-5)
 
 
-def fence(kind: type, lag: dict) -> object:
-    return lambda flat: kind(lag["s"])
+def fence(kind: type, pending: list | None) -> object:
+    return lambda flat: kind(pending)
 
 
 def main() -> None:
@@ -78,27 +83,26 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lag", type=float, default=0.8, help="fraction of a plain step")
     ap.add_argument("--ratio", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = seeded_model(0, n_layers=args.layers, d=args.d, heads=4, seq=args.seq)
-    lag = {"s": 0.0}
     arms: dict[str, dict] = {}
-    ready = {"s": 0.0}
-    for name, kind, wait in (("plain", None, lag), ("ready", LaggingEvent, ready),
-                             ("blocking", LaggingEvent, lag), ("polling", PollingEvent, lag)):
+    for name, kind, lags in (("plain", None, False), ("ready", LaggingEvent, False),
+                             ("blocking", LaggingEvent, True), ("polling", PollingEvent, True)):
         model = copy.deepcopy(base)
         guard = None
+        pending: list = []
         if kind is not None:
             guard = spectral_guard.instrument(model, ratio=args.ratio)
             guard.checks.shutdown()
-            guard.checks = AsyncChecks(fence=fence(kind, wait))
+            guard.checks = AsyncChecks(fence=fence(kind, pending if lags else None))
             if guard.attention is not None:
                 guard.attention.checks = guard.checks
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        arms[name] = {"model": model, "opt": opt, "guard": guard, "times": {}}
+        arms[name] = {"model": model, "opt": opt, "guard": guard, "times": {},
+                      "pending": pending}
     data = list(byte_batches(synthetic_text(200_000, seed=0), args.batch, args.seq,
                              args.warmup + args.steps, seed=0))
     for step, (x, y) in enumerate(data):
@@ -107,18 +111,18 @@ def main() -> None:
             arm = arms[name]
             t0 = time.perf_counter()
             arm["model"](x, y)["loss"].backward()
+            for event in arm["pending"]:   # the device caught up: most of a step later
+                event.land()
+            arm["pending"].clear()
             arm["opt"].step()
             arm["opt"].zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            if name == "plain" and step < args.warmup:
-                lag["s"] = args.lag * dt   # the device is ready lag x a plain step later
             if step >= args.warmup:
                 arm["times"][step] = dt
     plain = arms["plain"]["times"]
     print(f"# TinyGPT {args.layers} x {args.d}, batch {args.batch} x {args.seq}, guard "
-          f"ratio={args.ratio} (a check every step), event ready {args.lag:.2f} x plain step "
-          f"({lag['s'] * 1e3:.1f} ms) after it is recorded; {args.steps} paired steps, "
-          f"{torch.get_num_threads()} threads")
+          f"ratio={args.ratio} (a check every step), events land after the next step's "
+          f"forward and backward; {args.steps} paired steps, {torch.get_num_threads()} threads")
     for name, arm in arms.items():
         ratio = statistics.median(t / plain[s] for s, t in arm["times"].items())
         print(f"{name:9s} median step {statistics.median(arm['times'].values()) * 1e3:8.1f} ms"
