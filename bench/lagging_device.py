@@ -15,6 +15,10 @@ host half (``decompose``) behind it, and times the training thread's step, arms 
 * ``polling``: the wait of the guard before the protocol, ``while not event.query():
   time.sleep(5e-5)`` on the worker (about 5,000 wake-ups a second, each taking the GIL).
 
+Arms run in blocks of ``--block`` consecutive steps, the block order rotating; an arm's last
+event lands (untimed) before the next arm starts, so one arm's waiting never overlaps another
+arm's steps.
+
 The guard runs at its defaults (a check every step) unless ``--ratio``. Printed: the median
 paired ratio of each arm's step time to ``plain``.
 
@@ -71,8 +75,18 @@ class PollingEvent(LaggingEvent):
             time.sleep(5e-5)
 
 
-def fence(kind: type, pending: list | None) -> object:
-    return lambda flat: kind(pending)
+def land(arm: dict) -> None:
+    for event in arm["pending"]:
+        event.land()
+    arm["pending"].clear()
+
+
+def fence(kind: type, pending: list | None, made: list) -> object:
+    def make(flat: torch.Tensor) -> LaggingEvent:
+        made.append(kind(pending))
+        return made[-1]
+
+    return make
 
 
 def main() -> None:
@@ -84,6 +98,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ratio", type=float, default=0.05)
+    ap.add_argument("--block", type=int, default=5, help="consecutive steps per arm")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,39 +109,44 @@ def main() -> None:
         model = copy.deepcopy(base)
         guard = None
         pending: list = []
+        made: list = []
         if kind is not None:
             guard = spectral_guard.instrument(model, ratio=args.ratio)
             guard.checks.shutdown()
-            guard.checks = AsyncChecks(fence=fence(kind, pending if lags else None))
+            guard.checks = AsyncChecks(fence=fence(kind, pending if lags else None, made))
             if guard.attention is not None:
                 guard.attention.checks = guard.checks
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         arms[name] = {"model": model, "opt": opt, "guard": guard, "times": {},
-                      "pending": pending}
+                      "pending": pending, "made": made}
     data = list(byte_batches(synthetic_text(200_000, seed=0), args.batch, args.seq,
                              args.warmup + args.steps, seed=0))
-    for step, (x, y) in enumerate(data):
-        names = list(arms)
-        for name in names[step % len(names):] + names[:step % len(names)]:
+    names, block = list(arms), args.block
+    for first in range(0, len(data), block):   # blocks of steps per arm, arm order rotating
+        r = first // block
+        for name in names[r % len(names):] + names[:r % len(names)]:
             arm = arms[name]
-            t0 = time.perf_counter()
-            arm["model"](x, y)["loss"].backward()
-            for event in arm["pending"]:   # the device caught up: most of a step later
-                event.land()
-            arm["pending"].clear()
-            arm["opt"].step()
-            arm["opt"].zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            if step >= args.warmup:
-                arm["times"][step] = dt
+            for step in range(first, min(first + block, len(data))):
+                x, y = data[step]
+                t0 = time.perf_counter()
+                arm["model"](x, y)["loss"].backward()
+                land(arm)   # the device caught up with the last step: most of a step later
+                arm["opt"].step()
+                arm["opt"].zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                if step >= args.warmup:
+                    arm["times"][step] = dt
+            land(arm)   # untimed: no worker waits (or polls) while another arm runs
+            time.sleep(0.01)
     plain = arms["plain"]["times"]
     print(f"# TinyGPT {args.layers} x {args.d}, batch {args.batch} x {args.seq}, guard "
           f"ratio={args.ratio} (a check every step), events land after the next step's "
           f"forward and backward; {args.steps} paired steps, {torch.get_num_threads()} threads")
     for name, arm in arms.items():
         ratio = statistics.median(t / plain[s] for s, t in arm["times"].items())
+        polls = sum(e.polls for e in arm["made"]) / sum(arm["times"].values())
         print(f"{name:9s} median step {statistics.median(arm['times'].values()) * 1e3:8.1f} ms"
-              f"  ratio to plain {ratio:.3f}")
+              f"  ratio to plain {ratio:.3f}  event polls {polls:7.0f}/s of its steps")
 
 
 if __name__ == "__main__":
