@@ -103,8 +103,9 @@ class HostBuffers:
     worker still reads it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pin: bool = True) -> None:
         self._pool: dict[tuple[torch.device, torch.dtype], list[list[Any]]] = {}
+        self.pin = pin   # False only to test the reuse rule without a CUDA device
         self.allocations = 0
 
     def take(self, device: torch.device, dtype: torch.dtype, numel: int) -> tuple[Tensor, list]:
@@ -114,7 +115,7 @@ class HostBuffers:
             if (busy is None or busy.done()) and buf.numel() >= numel:
                 return buf[:numel], entry
         buf = torch.empty(max(numel, 2 * max((e[0].numel() for e in entries), default=0)),
-                          dtype=dtype, pin_memory=True)
+                          dtype=dtype, pin_memory=self.pin)
         self.allocations += 1
         entry = [buf, None]
         entries[:] = [e for e in entries if e[1] is not None and not e[1].done()] + [entry]
