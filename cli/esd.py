@@ -22,7 +22,8 @@ HELP = """Fit and draw the empirical spectral density (ESD) of one matrix of a c
 PATH is a checkpoint file, an index.json or a folder (as for audit); NAME is a tensor name as
 audit reports it (a stacked expert is NAME[e]). The ESD is the eigenvalues of W^T W (squared
 singular values of a full SVD); the power-law exponent alpha is fitted to the eigenvalues above
-xmin, the median (the rule the audit's alpha uses). --plot draws it on log-log axes.
+xmin, chosen by minimum KS distance (Clauset, Shalizi and Newman 2009: the fit the audit's alpha
+and WeightWatcher report). --plot draws it on log-log axes.
 
 """ + exit_codes_help("the spectrum was fitted", "the matrix has non-finite values (no spectrum)")
 

@@ -196,11 +196,12 @@ class EsdFit:
 
 def fit_esd(W: torch.Tensor) -> EsdFit:
     """ESD of ``W`` (:func:`spectral_guard.sensors.esd`) and its power-law fit
-    (:func:`spectral_guard.sensors.powerlaw_alpha`, median ``xmin`` rule, the one the audit's
-    alpha uses). Numerically zero eigenvalues (``s_i <= rank_rtol * s_1``) are left out.
-    Raises ``ValueError`` when ``W`` is not a finite matrix.
+    (:func:`spectral_guard.sensors.powerlaw_fit`: ``xmin`` by minimum KS distance, the fit the
+    audit's alpha and WeightWatcher report). Numerically zero eigenvalues
+    (``s_i <= rank_rtol * s_1``) are left out. Raises ``ValueError`` when ``W`` is not a finite
+    matrix.
     """
-    from spectral_guard.sensors import esd, powerlaw_alpha, rank_rtol
+    from spectral_guard.sensors import esd, powerlaw_fit, rank_rtol
 
     if W.dim() != 2:
         raise ValueError(f"expected a matrix, got shape {tuple(W.shape)}")
@@ -213,9 +214,8 @@ def fit_esd(W: torch.Tensor) -> EsdFit:
     else:
         eigs = eigs[:0]
     if eigs.numel() >= 2:
-        xmin = float(eigs[(eigs.numel() - 1) // 2])
-        alpha = powerlaw_alpha(eigs, xmin)
-        n_tail = int((eigs >= xmin).sum())
+        fit = powerlaw_fit(eigs)
+        xmin, alpha, n_tail = fit.xmin, fit.alpha, fit.n_tail
     else:
         xmin, alpha, n_tail = math.nan, math.nan, 0
     return EsdFit(eigs, alpha, xmin, n_tail, (int(W.shape[0]), int(W.shape[1])))
@@ -254,7 +254,7 @@ def plot_esd(fit: EsdFit, path: str | Path, name: str = "") -> Path:
         ax.plot(x.numpy(), p.numpy(), color="tab:red", linewidth=2,
                 label=f"power-law fit, alpha = {fit.alpha:.2f} ({fit.n_tail} eigenvalues)")
         ax.axvline(fit.xmin, color="black", linestyle="--", linewidth=1.2,
-                   label=f"xmin = {fit.xmin:.3g} (median rule)")
+                   label=f"xmin = {fit.xmin:.3g} (minimum KS distance)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue λ of WᵀW (squared singular value)")
