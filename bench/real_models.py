@@ -308,7 +308,7 @@ def audit(path: Path, mode: str, thresholds: Path | None = None) -> dict:
             "matrices": len(mats),
             "false_flags": len(flagged),
             "flags": counts,
-            "flagged": [(m["name"], m["status"]) for m in flagged],
+            "flagged": [(m["name"], m["status"], "; ".join(m.get("reasons", []))) for m in flagged],
             "fail_on": doc.get("verdict", {}).get("fail_on", list(FAIL_STATUSES_DEFAULT)),
             "by_tensor": {},
             "reading": reading,
@@ -598,6 +598,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['exit']:>4} {r['seconds']:>7.1f}  {fmt_flags(r)}",
                     flush=True,
                 )
+    shown: set[tuple[str, str]] = set()
+    flagged_lines = []
+    for key, r in audits.items():
+        label, mode = key.split("|")
+        model, _, file = label.partition(" [")
+        for name, status, why in r.get("flagged", []):
+            if (model, name) not in shown:
+                shown.add((model, name))
+                where = f"{file.rstrip(']') or 'safetensors'}, {mode}"
+                flagged_lines.append(f"    {model}: {name} {status} ({why}) [{where}]")
+    if flagged_lines:
+        print("  flagged matrices (first mode and file that flags each; at most 40 lines):")
+        print("\n".join(flagged_lines[:40]))
+        if len(flagged_lines) > 40:
+            print(f"    ... {len(flagged_lines) - 40} more")
     readings: dict[str, dict[str, list[str]]] = {}  # "model: tensor" -> reading -> where
     for key, r in audits.items():
         label, mode = key.split("|")
