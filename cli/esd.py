@@ -20,8 +20,9 @@ from .common import EXIT_FINDINGS, check_writable, exit_codes_help, fail, guarde
 HELP = """Fit and draw the empirical spectral density (ESD) of one matrix of a checkpoint.
 
 PATH is a checkpoint file, an index.json or a folder (as for audit); NAME is a tensor name as
-audit reports it (a stacked expert is NAME[e]). The ESD is the eigenvalues of W^T W (squared
-singular values of a full SVD); the power-law exponent alpha is fitted to the eigenvalues above
+audit reports it (a stacked expert is NAME[e], a fused q/k/v projection's blocks NAME[q],
+NAME[k], NAME[v]). The ESD is the eigenvalues of W^T W (squared singular values of a full
+SVD); the power-law exponent alpha is fitted to the eigenvalues above
 xmin, chosen by minimum KS distance (Clauset, Shalizi and Newman 2009: the fit the audit's alpha
 and WeightWatcher report). --plot draws it on log-log axes.
 
@@ -41,22 +42,25 @@ def plot_output_ready(path: Path) -> None:
     check_writable(path, "--plot")
 
 
-def find_matrix(ckpt: Any, name: str) -> tuple[Any, tuple[int, ...], int, int]:
-    """``(tensor info, lead index, rows, cols)`` of the matrix ``name``; ``ValueError`` with
-    one line (and close names) when there is none."""
+def find_matrix(ckpt: Any, name: str) -> tuple[Any, Any, int]:
+    """``(tensor info, its plan, index of the matrix in the plan)`` of the matrix ``name`` as
+    the audit plans it (config.json next to the checkpoint says the head counts of fused q/k/v
+    projections); ``ValueError`` with one line (and close names) when there is none."""
     from spectral_guard.audit import plan_tensor
+    from spectral_guard.audit.plan import source_config, source_heads
 
+    heads = source_heads(None, source_config(ckpt, None)[0])
     names: list[str] = []
     for info in ckpt.tensors:
-        plan = plan_tensor(info)
+        plan = plan_tensor(info, heads=heads)
         if isinstance(plan, str):
             if info.name == name:
                 raise ValueError(f"{name}: not a matrix ({plan})")
             continue
         if name in plan.names:
-            return info, plan.leads[plan.names.index(name)], plan.rows, plan.cols
+            return info, plan, plan.names.index(name)
         if info.name == name:
-            raise ValueError(f"{name} is a stack of {len(plan.names)} matrices: give one, "
+            raise ValueError(f"{name} is audited as {len(plan.names)} matrices: give one, "
                              f"e.g. {plan.names[0]}")
         names.extend(plan.names)
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
@@ -87,9 +91,10 @@ def esd_command(
 
     def run() -> tuple[dict, Any]:
         ckpt = open_checkpoint(path)
-        info, lead, rows, cols = find_matrix(ckpt, name)
+        info, plan, i = find_matrix(ckpt, name)
+        rows, cols = plan.shape_of(i)
         with TensorStream(info) as stream:
-            W = stream.full()[lead].reshape(rows, cols).to(torch.float64)
+            W = plan.matrix(stream.full(), i).to(torch.float64)
         bad = int((~torch.isfinite(W)).sum())
         out = {"name": name, "tensor": info.name, "file": str(info.file),
                "dtype": info.dtype, "nonfinite": bad}

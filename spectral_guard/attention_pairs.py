@@ -49,6 +49,8 @@ HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "heads", 
 KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head",
                  "n_local_kv_heads", "num_key_value_groups_heads")
 HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size")
+MHA_WEIGHT = "in_proj_weight"
+"""``nn.MultiheadAttention``'s fused ``[q; k; v]`` weight (``3 d x d``)."""
 
 
 @dataclass
@@ -162,17 +164,82 @@ def linear_weight_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
-def fused_indices(out: int, n_heads: int, n_kv: int, d_h: int,
-                   layout: str) -> tuple[Tensor, Tensor]:
+def stored_transposed(shape: Sequence[int]) -> bool | None:
+    """Whether a fused q/k/v projection's 2-D weight, read without its module, is stored
+    ``in x out`` (GPT-2's ``Conv1D``): its outputs ``(heads + 2 kv_heads) d_h`` outnumber its
+    inputs, so a Linear weight (``out x in``) has more rows than columns and a ``Conv1D`` weight
+    fewer. ``None`` for a square weight (the orientation cannot be told from the shape)."""
+    rows, cols = int(shape[0]), int(shape[1])
+    return None if rows == cols else rows < cols
+
+
+def fused_head_dim(out: int, n_heads: int, n_kv: int) -> int:
+    """``d_h`` of a fused projection with ``out`` outputs, ``n_heads`` query heads and ``n_kv``
+    key/value heads (``out = (n_heads + 2 n_kv) d_h``); ``ValueError`` when they do not fit."""
+    if n_kv < 1 or n_heads % n_kv or out % (n_heads + 2 * n_kv):
+        raise ValueError(f"{out} fused rows do not split into q, k, v of {n_heads}/{n_kv} heads")
+    return out // (n_heads + 2 * n_kv)
+
+
+def fused_qkv_indices(n_heads: int, n_kv: int, d_h: int,
+                      layout: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Sorted output indices of the query, key and value blocks of a fused projection:
+    ``contiguous`` ``[q (n_heads d_h); k (n_kv d_h); v (n_kv d_h)]``, or ``interleaved`` per
+    head ``[head][q, k, v][d_h]`` (GPT-NeoX, BLOOM; ``n_kv == n_heads``)."""
     if layout == "contiguous":
-        q = torch.arange(n_heads * d_h)
-        k = torch.arange(n_heads * d_h, n_heads * d_h + n_kv * d_h)
-        return q, k
-    if layout == "interleaved":  # [head][q, k, v][d_h]
+        q, kv = n_heads * d_h, n_kv * d_h
+        return torch.arange(q), torch.arange(q, q + kv), torch.arange(q + kv, q + 2 * kv)
+    if layout == "interleaved":
+        if n_kv != n_heads:
+            raise ValueError(f"an interleaved fused projection has as many key as query heads "
+                             f"({n_kv} vs {n_heads})")
         base = torch.arange(n_heads)[:, None] * 3 * d_h
         offs = torch.arange(d_h)[None, :]
-        return (base + offs).reshape(-1), (base + d_h + offs).reshape(-1)
+        return tuple((base + i * d_h + offs).reshape(-1) for i in range(3))  # type: ignore
     raise ValueError(f"unknown fused layout {layout!r}")
+
+
+def fused_indices(out: int, n_heads: int, n_kv: int, d_h: int,
+                   layout: str) -> tuple[Tensor, Tensor]:
+    """The query and key blocks of :func:`fused_qkv_indices`."""
+    q, k, _ = fused_qkv_indices(n_heads, n_kv, d_h, layout)
+    return q, k
+
+
+@dataclass(frozen=True)
+class FusedModule:
+    """A fused q/k/v projection of a live model: its weight ``param`` (a parameter name),
+    layout, orientation (``transposed``: stored ``in x out``) and the head counts its module,
+    its parent or the configs say (``None`` where they do not)."""
+
+    param: str
+    layout: str
+    transposed: bool
+    n_heads: int | None
+    n_kv_heads: int | None
+
+
+def fused_modules(model: nn.Module) -> list[FusedModule]:
+    """Every fused q/k/v projection of ``model`` (:data:`FUSED_PATTERNS` children that are
+    ``nn.Linear`` or ``Conv1D``, and ``nn.MultiheadAttention``'s ``in_proj_weight``)."""
+    fused = dict(FUSED_PATTERNS)
+    out = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            out.append(FusedModule(prefix + MHA_WEIGHT, "contiguous", False, module.num_heads,
+                                   module.num_heads))
+            continue
+        owners = _owners(model, module)
+        for child_name, child in module.named_children():
+            shape = linear_weight_shape(child) if child_name in fused else None
+            if shape is None:
+                continue
+            layout = fused[child_name]
+            kv = int_attr(owners, KV_HEAD_ATTRS) if layout == "contiguous" else None
+            out.append(FusedModule(f"{prefix}{child_name}.weight", layout, shape[2],
+                                   int_attr(owners, HEAD_ATTRS), kv))
+    return out
 
 
 def _fused_pair(model: nn.Module, name: str, module: nn.Module, parent: nn.Module,
@@ -188,9 +255,7 @@ def _fused_pair(model: nn.Module, name: str, module: nn.Module, parent: nn.Modul
         raise ValueError("number of heads not found")
     kv = int_attr(owners, KV_HEAD_ATTRS) if layout == "contiguous" else None
     n_kv = kv or n_heads
-    if out % (n_heads + 2 * n_kv):
-        raise ValueError(f"{out} fused rows do not split into q, k, v of {n_heads}/{n_kv} heads")
-    d_h = out // (n_heads + 2 * n_kv)
+    d_h = fused_head_dim(out, n_heads, n_kv)
     qi, ki = fused_indices(out, n_heads, n_kv, d_h, layout)
     dev = module.weight.device
     return AttentionPair(name, Side(module, "weight", qi.to(dev), transposed),

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from spectral_guard.audit import audit
 from spectral_guard.audit.logit import candidate_pairs, exact_head_scales, typical_head_scales
+from spectral_guard.audit.plan import FUSED_READ_AS
 from spectral_guard.thresholds import Rule, Thresholds, load_thresholds
 
 transformers = pytest.importorskip("transformers")
@@ -145,8 +146,11 @@ def test_pairs_gpt2_fused_conv1d(tmp_path) -> None:
     for i, block in enumerate(model.transformer.h):
         W = block.attn.c_attn.weight.T  # Conv1D stores in x out
         ref = explicit_bounds(W[:32], W[32:64], 4, 4)
-        m = res[f"transformer.h.{i}.attn.c_attn.weight"]
-        np.testing.assert_allclose(m.logit_head_scales, ref, rtol=1e-6)
+        name = f"transformer.h.{i}.attn.c_attn.weight"
+        for block_name in (f"{name}[q]", f"{name}[k]"):  # the pair's values on both blocks
+            np.testing.assert_allclose(res[block_name].logit_head_scales, ref, rtol=1e-6)
+            assert res[block_name].logit_pair == name.removesuffix(".weight")
+        assert res[f"{name}[v]"].logit_scale is None
 
 
 def test_candidate_pairs_patterns() -> None:
@@ -284,11 +288,12 @@ def test_trained_decoders_attention_is_ok(name: str, mode: str) -> None:
     folder = TRAINED / name
     rep = audit(folder, mode=mode)
     assert rep.logit_pairs == 2 and rep.logit_notes == []
-    hidden = [m for m in rep.matrices if m.read_as == "linear" and "lm_head" not in m.name]
-    assert len(hidden) >= 8
+    hidden = [m for m in rep.matrices
+              if m.read_as in ("linear", *FUSED_READ_AS) and "lm_head" not in m.name]
+    assert len(hidden) == {"gpt2_tiny": 12, "llama_tiny": 14}[name]  # 6 or 7 per layer
     assert {m.name: m.reasons for m in hidden if m.status != "ok"} == {}
     assert rep.status_counts()["logit_risk"] == 0
     limit = load_thresholds(None).default.logit_typical_max
     paired = [m for m in rep.matrices if m.logit_typical is not None]
-    assert len(paired) in (2, 4)  # fused c_attn (one matrix per pair) or q_proj + k_proj
+    assert len(paired) == 4  # c_attn[q] + c_attn[k], or q_proj + k_proj
     assert max(m.logit_typical for m in paired) < limit / 8

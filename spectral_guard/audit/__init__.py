@@ -4,7 +4,8 @@ Sources: safetensors files (the fast path), PyTorch zip checkpoints and models o
 memory (:mod:`spectral_guard.checkpoint`); every tensor is streamed the same way. The package,
 one idea per module:
 
-* :mod:`.plan`: how each tensor is read (linear, embedding, conv, experts; or skipped, why);
+* :mod:`.plan`: how each tensor is read (linear, embedding, conv, experts, fused q/k/v blocks;
+  or skipped, why);
 * :mod:`.scan`: NaN/Inf and all-zero rows/columns of row chunks, on IEEE bit patterns;
 * :mod:`.measure`: one streaming pass per tensor (scan + biopsy), batched decompositions;
   :func:`~.measure.measure_matrices` is the public measuring entry (calibration uses it);
@@ -50,6 +51,7 @@ from .plan import (
     plan_tensor,
     reads_as_experts,
     source_config,
+    source_heads,
 )
 from .report import SCHEMA_VERSION, MatrixResult, Report, Skipped
 
@@ -121,7 +123,8 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
     with torch.no_grad():
         ckpt = open_source(path, dtensor)
         config = source_config(ckpt, path)
-        plan = plan_checkpoint(ckpt, inc, exc, config_value(config[0], CONFIG_EXPERT_KEYS))
+        plan = plan_checkpoint(ckpt, inc, exc, config_value(config[0], CONFIG_EXPERT_KEYS),
+                               source_heads(path, config[0], heads))
         results = measure_plan(plan, mode=mode, limit=int(limit), seed=int(seed),
                                progress=progress)
         model = path if isinstance(path, torch.nn.Module) else None
@@ -135,7 +138,8 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
         skipped=[Skipped(t.name, str(t.file), t.shape, t.dtype, why) for t, why in plan.skipped],
         filtered_out=plan.filtered_out, bytes_read=plan.nbytes,
         elapsed_s=time.perf_counter() - t0, include=tuple(include), exclude=tuple(exclude),
-        logit_pairs=logit_pairs, logit_notes=logit_notes, logit_needs_heads=needs_heads)
+        logit_pairs=logit_pairs, logit_notes=logit_notes, logit_needs_heads=needs_heads,
+        plan_notes=plan.notes)
 
 
 class _CallableModule(types.ModuleType):

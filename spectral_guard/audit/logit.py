@@ -43,21 +43,22 @@ import torch
 
 from ..attention_pairs import (
     FUSED_PATTERNS,
+    MHA_WEIGHT,
     SEPARATE_PATTERNS,
     find_pairs,
+    fused_head_dim,
     fused_indices,
     head_geometry,
+    stored_transposed,
 )
 from ..checkpoint import Checkpoint, TensorInfo, TensorStream
 from ..checkpoint.inmemory import original_name, unwrap_module
-from .plan import config_value
+from .plan import FUSED_QK, config_heads
 from .report import MatrixResult
 
 Tensor = torch.Tensor
 
-CONFIG_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads")
-CONFIG_KV_KEYS = ("num_key_value_heads",)
-MHA_SUFFIX = "in_proj_weight"
+MHA_SUFFIX = MHA_WEIGHT
 
 
 def exact_head_scales(Wq: Tensor, Wk: Tensor) -> Tensor:
@@ -142,11 +143,6 @@ def head_scales(name: str, tensors: tuple[str, ...], q: Tensor, k: Tensor, n: in
     return PairScale(name, tensors, bounds, typical_head_scales(q, k).tolist())
 
 
-def config_heads(config: Mapping | None) -> tuple[int | None, int | None]:
-    """``(heads, kv_heads)`` from a model config; ``None`` where it does not say."""
-    return config_value(config, CONFIG_HEAD_KEYS), config_value(config, CONFIG_KV_KEYS)
-
-
 def candidate_pairs(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, str, str, str]]:
     """``(pair name, q tensor, k tensor, layout)`` found by name among 2-D tensors; ``layout``
     is ``"separate"``, a fused layout (``"contiguous"``/``"interleaved"``) or ``"mha"``."""
@@ -186,14 +182,12 @@ def geometry(cand: tuple[str, str, str, str], shapes: Mapping[str, tuple[int, ..
             raise ValueError(f"{n_kv} key heads in the weights, {kv_heads} in config.json")
         return NamedPair(name, q_name, k_name, torch.arange(qs[0]), torch.arange(ks[0]),
                          False, n_h, n_kv, d_h, qs[1])
-    transposed = layout != "mha" and qs[0] < qs[1]
+    transposed = layout != "mha" and stored_transposed(qs) is True
     out, n = (qs[1], qs[0]) if transposed else qs
     n_kv = heads if layout != "contiguous" or kv_heads is None else kv_heads
     if layout == "mha":
         layout = "contiguous"
-    if heads % n_kv or out % (heads + 2 * n_kv):
-        raise ValueError(f"{out} fused rows do not split into q, k, v of {heads}/{n_kv} heads")
-    d_h = out // (heads + 2 * n_kv)
+    d_h = fused_head_dim(out, heads, n_kv)
     qi, ki = fused_indices(out, heads, n_kv, d_h, layout)
     return NamedPair(name, q_name, k_name, qi, ki, transposed, heads, n_kv, d_h, n)
 
@@ -252,7 +246,10 @@ def logit_pass(ckpt: Checkpoint, results: list[MatrixResult], heads: int | None,
     says it; a live ``model`` is paired by its modules. Returns the number of measured pairs,
     the notes for the report (why pairs were skipped) and whether pairs were found but no head
     count (a caller can say how to give one)."""
-    by_name = {r.name: r for r in results if r.name == r.tensor and len(r.tensor_shape) == 2}
+    by_tensor: dict[str, list[MatrixResult]] = {}  # a fused projection: its q and k blocks
+    for r in results:
+        if len(r.tensor_shape) == 2 and (r.name == r.tensor or r.read_as in FUSED_QK):
+            by_tensor.setdefault(r.tensor, []).append(r)
     notes: list[str] = []
     scales: list[PairScale] = []
     nonfinite: list[str] = []
@@ -263,8 +260,8 @@ def logit_pass(ckpt: Checkpoint, results: list[MatrixResult], heads: int | None,
             notes.append(f"q-k logit scale: {len(skipped_pairs)} attention candidate(s) not "
                          f"paired (e.g. {where or 'the model'}: {why}).")
     else:
-        infos: dict[str, TensorInfo] = {t.name: t for t in ckpt.tensors if t.name in by_name}
-        shapes = {name: by_name[name].shape for name in infos}
+        infos: dict[str, TensorInfo] = {t.name: t for t in ckpt.tensors if t.name in by_tensor}
+        shapes = {name: info.shape for name, info in infos.items()}
         cands = candidate_pairs(shapes)
         kv_heads, source = None, "the given head count"
         if cands and heads is None:
@@ -297,12 +294,9 @@ def logit_pass(ckpt: Checkpoint, results: list[MatrixResult], heads: int | None,
                          f"(e.g. {bad[0]}).")
     if nonfinite:
         notes.append(_nonfinite_note(nonfinite))
-    scales = [sc for sc in scales if any(t in by_name for t in sc.tensors)]
+    scales = [sc for sc in scales if any(t in by_tensor for t in sc.tensors)]
     for sc in scales:
-        for tensor in sc.tensors:
-            res = by_name.get(tensor)
-            if res is None:
-                continue
+        for res in (r for t in sc.tensors for r in by_tensor.get(t, ())):
             res.logit_scale, res.logit_typical = sc.max_bound, sc.max_typical
             res.logit_head, res.logit_typical_head = sc.worst_head, sc.typical_head
             res.logit_pair = sc.name

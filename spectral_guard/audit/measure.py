@@ -53,12 +53,14 @@ from ..sensors import (
 )
 from .plan import (
     CONFIG_EXPERT_KEYS,
+    FUSED_READ_AS,
     CheckpointPlan,
     TensorPlan,
     compile_patterns,
     config_value,
     plan_checkpoint,
     source_config,
+    source_heads,
 )
 from .report import MatrixResult
 from .scan import Scan
@@ -122,36 +124,88 @@ class _Measured:
     biopsy: torch.Tensor  # the biopsy submatrix (for duplicate rows)
 
 
-def _measure(stream: TensorStream, plan: TensorPlan, lead: tuple[int, ...], mode: str,
-             rows_idx: torch.Tensor | None, cols_idx: torch.Tensor | None) -> _Measured:
-    """Scan one matrix in row chunks; keep the biopsy rows (biopsy) or everything (exact)."""
+def _span(index: torch.Tensor | None) -> tuple[int, int] | None:
+    """``(first, stop)`` when sorted ``index`` is one contiguous range (a view, no copy)."""
+    if index is None or not len(index):
+        return None
+    lo, hi = int(index[0]), int(index[-1]) + 1
+    return (lo, hi) if hi - lo == len(index) else None
+
+
+class _Matrix:
+    """One planned matrix being read: its rows and columns of the lead's ``rows x cols`` matrix
+    (sorted indices, ``None``: all), its scan and what is kept of it."""
+
+    def __init__(self, plan: TensorPlan, i: int, mode: str,
+                 rows_idx: torch.Tensor | None, cols_idx: torch.Tensor | None) -> None:
+        self.row_index, self.col_index = plan.rows_of(i), plan.cols_of(i)
+        self.row_span, self.col_span = _span(self.row_index), _span(self.col_index)
+        self.shape = plan.shape_of(i)
+        self.mode, self.rows_idx, self.cols_idx = mode, rows_idx, cols_idx
+        self.scan = Scan(self.shape[1])
+        self.kept: list[torch.Tensor] = []
+        self.dev_cols: torch.Tensor | None = None
+
+    def _own(self, start: int, block: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """``(first own row, own block)`` of a chunk of the lead's rows; ``None``: none."""
+        if self.row_index is not None:
+            lo = int(torch.searchsorted(self.row_index, start))
+            hi = int(torch.searchsorted(self.row_index, start + block.shape[0]))
+            if hi == lo:
+                return None
+            if self.row_span is not None:
+                block = block.narrow(0, int(self.row_index[lo]) - start, hi - lo)
+            else:
+                block = block.index_select(0, (self.row_index[lo:hi] - start).to(block.device))
+            start = lo
+        if self.col_span is not None:
+            block = block.narrow(1, self.col_span[0], self.col_span[1] - self.col_span[0])
+        elif self.col_index is not None:
+            block = block.index_select(1, self.col_index.to(block.device))
+        return start, block
+
+    def update(self, start: int, chunk: torch.Tensor) -> None:
+        own = self._own(start, chunk)
+        if own is None:
+            return
+        start, block = own
+        self.scan.update(block)
+        if self.mode == "exact" or self.rows_idx is None:
+            self.kept.append(block)
+            return
+        # the biopsy's cells of this chunk: its rows, then its columns (small copies)
+        if self.dev_cols is None and self.cols_idx is not None:
+            self.dev_cols = self.cols_idx.to(block.device)
+        lo = int(torch.searchsorted(self.rows_idx, start))
+        hi = int(torch.searchsorted(self.rows_idx, start + block.shape[0]))
+        if hi > lo:
+            rows = block.index_select(0, (self.rows_idx[lo:hi] - start).to(block.device))
+            self.kept.append(rows if self.dev_cols is None else rows.index_select(1, self.dev_cols))
+
+    def done(self) -> _Measured:
+        kept = self.kept
+        matrix = kept[0] if len(kept) == 1 else torch.cat(kept)
+        if self.mode != "exact" or self.rows_idx is None:  # the biopsy, or measured whole
+            matrix = matrix.cpu() if self.mode != "exact" else matrix
+            return _Measured(self.scan, matrix, matrix.cpu())
+        sub = matrix.index_select(0, self.rows_idx.to(matrix.device))
+        if self.cols_idx is not None:
+            sub = sub.index_select(1, self.cols_idx.to(matrix.device))
+        return _Measured(self.scan, matrix, sub.cpu())
+
+
+def _measure(stream: TensorStream, plan: TensorPlan, lead: tuple[int, ...],
+             matrices: list[_Matrix]) -> list[_Measured]:
+    """Read the lead's matrix once in row chunks; each planned matrix in it (all of it, or the
+    rows/columns of a fused block) scans its part and keeps its biopsy (biopsy mode) or
+    everything (exact mode)."""
     itemsize = DTYPES[plan.info.dtype].bits / 8
-    scan = Scan(plan.cols)
-    kept: list[torch.Tensor] = []
+    mode = matrices[0].mode
     chunk = chunk_rows(plan.cols, itemsize, BIOPSY_CHUNK if mode == "biopsy" else EXACT_CHUNK)
-    device: torch.device | None = None
-    dev_cols: torch.Tensor | None = None
     for start, block in iter_row_chunks(stream, lead, plan.rows, plan.cols, chunk):
-        if device is None:  # the tensor's device: indices go there, only the biopsy leaves it
-            device = block.device
-            dev_cols = None if cols_idx is None else cols_idx.to(device)
-        scan.update(block)
-        if mode == "exact" or rows_idx is None:
-            kept.append(block)
-        else:  # the biopsy's cells of this chunk: its rows, then its columns (small copies)
-            lo = int(torch.searchsorted(rows_idx, start))
-            hi = int(torch.searchsorted(rows_idx, start + block.shape[0]))
-            if hi > lo:
-                rows = block.index_select(0, (rows_idx[lo:hi] - start).to(device))
-                kept.append(rows if dev_cols is None else rows.index_select(1, dev_cols))
-    matrix = kept[0] if len(kept) == 1 else torch.cat(kept)
-    if mode != "exact" or rows_idx is None:  # the biopsy, or a small matrix measured whole
-        matrix = matrix.cpu() if mode != "exact" else matrix
-        return _Measured(scan, matrix, matrix.cpu())
-    sub = matrix.index_select(0, rows_idx.to(matrix.device))
-    if cols_idx is not None:
-        sub = sub.index_select(1, cols_idx.to(matrix.device))
-    return _Measured(scan, matrix, sub.cpu())
+        for m in matrices:
+            m.update(start, block)
+    return [m.done() for m in matrices]
 
 
 def _singular_values(M: torch.Tensor) -> torch.Tensor:
@@ -184,48 +238,57 @@ def accelerator_metrics(M: torch.Tensor) -> list[SpectralMetrics]:
 def _read_tensor(plan: TensorPlan, mode: str, limit: int, seed: int,
                  handles: ShardHandles | None = None
                  ) -> tuple[list[MatrixResult], list[_Measured]]:
-    """The streaming pass over one tensor: hygiene counts and the matrices to decompose."""
+    """The streaming pass over one tensor: hygiene counts and the matrices to decompose (the
+    matrices sharing a lead, e.g. a fused projection's q, k and v blocks, in one read)."""
     info = plan.info
-    rows_idx, cols_idx = audit_biopsy_indices((plan.rows, plan.cols), limit,
-                                              name_seed(seed, info.name))
-    results: list[MatrixResult] = []
-    measured: list[_Measured] = []
+    tensor_seed = name_seed(seed, info.name)
+    by_lead: dict[tuple[int, ...], list[int]] = {}
+    for i, lead in enumerate(plan.leads):
+        by_lead.setdefault(lead, []).append(i)
+    measured: list[_Measured | None] = [None] * len(plan.names)
     with TensorStream(info, handles) as stream:
-        for name, lead, read_as in zip(plan.names, plan.leads, plan.read_as, strict=True):
-            meas = _measure(stream, plan, lead, mode, rows_idx, cols_idx)
-            measured.append(meas)
-            results.append(MatrixResult(
-                name=name, tensor=info.name, file=str(info.file), shape=(plan.rows, plan.cols),
-                tensor_shape=info.shape, dtype=info.dtype, group=None, mode=mode,
-                measured_shape=tuple(meas.matrix.shape), read_as=read_as))
+        for lead, idx in by_lead.items():
+            matrices = [_Matrix(plan, i, mode,
+                                *audit_biopsy_indices(plan.shape_of(i), limit, tensor_seed))
+                        for i in idx]
+            for i, meas in zip(idx, _measure(stream, plan, lead, matrices), strict=True):
+                measured[i] = meas
+    results = [MatrixResult(
+        name=name, tensor=info.name, file=str(info.file), shape=plan.shape_of(i),
+        tensor_shape=info.shape, dtype=info.dtype, group=None, mode=mode,
+        measured_shape=tuple(meas.matrix.shape), read_as=read_as)
+        for i, (name, read_as, meas) in enumerate(zip(plan.names, plan.read_as, measured,
+                                                      strict=True))]
     return results, measured
+
+
+def _metrics(ms: list[torch.Tensor], mode: str) -> list[SpectralMetrics]:
+    """Metrics of one finite matrix, or of a stack of same-shape matrices (batched)."""
+    if ms[0].device.type != "cpu":  # exact, on an accelerator
+        return accelerator_metrics(torch.stack(ms))
+    if len(ms) > 1:
+        return spectral_metrics_batched(torch.stack(ms), mode="exact", alpha=True)
+    M = ms[0]
+    if mode == "biopsy":
+        rtol = rank_rtol(tuple(M.shape), M.dtype)
+        return [metrics_from_singular_values(_singular_values(as_compute_tensor(M)),
+                                             tuple(M.shape), rtol, alpha=True)]
+    # same singular values; LAPACK was measured 4x slower on a wide 2048 x 5632 matrix than on
+    # its transpose (3.4 s vs 0.8 s)
+    return [spectral_metrics(M.T if M.shape[0] < M.shape[1] else M, mode="exact", alpha=True)]
 
 
 def _decompose(results: list[MatrixResult], measured: list[_Measured], mode: str
                ) -> list[MatrixResult]:
-    """Decompose one tensor's measured matrices (batched for a stack) and fill the results."""
+    """Decompose one tensor's measured matrices (batched for a stack of experts; a fused
+    projection's blocks one by one, as separate projections would be) and fill the results."""
     small = max(measured[0].matrix.shape) <= SMALL_SVD
     with intra_op_threads(1 if small else None):
         finite = [i for i, m in enumerate(measured) if m.scan.nonfinite == 0]
         metrics: list[SpectralMetrics | None] = [None] * len(measured)
-        if finite and measured[0].matrix.device.type != "cpu":  # exact, on an accelerator
-            stack = torch.stack([measured[i].matrix for i in finite])
-            for i, met in zip(finite, accelerator_metrics(stack), strict=True):
-                metrics[i] = met
-        elif mode == "biopsy" and len(measured) == 1 and finite:
-            M = measured[0].matrix
-            rtol = rank_rtol(tuple(M.shape), M.dtype)
-            metrics[0] = metrics_from_singular_values(_singular_values(as_compute_tensor(M)),
-                                                      tuple(M.shape), rtol, alpha=True)
-        elif len(measured) == 1 and finite:
-            # same singular values; LAPACK was measured 4x slower on a wide 2048 x 5632 matrix
-            # than on its transpose (3.4 s vs 0.8 s)
-            M = measured[0].matrix
-            metrics[0] = spectral_metrics(M.T if M.shape[0] < M.shape[1] else M, mode="exact",
-                                          alpha=True)
-        elif finite:
-            stack = torch.stack([measured[i].matrix for i in finite])
-            for i, met in zip(finite, spectral_metrics_batched(stack, mode="exact", alpha=True),
+        alone = len(measured) == 1 or results[0].read_as in FUSED_READ_AS
+        for idx in [[i] for i in finite] if alone else [finite] if finite else []:
+            for i, met in zip(idx, _metrics([measured[i].matrix for i in idx], mode),
                               strict=True):
                 metrics[i] = met
         for res, meas, met in zip(results, measured, metrics, strict=True):
@@ -315,7 +378,8 @@ def measure_matrices(source: str | Path | Sequence[str | Path] | torch.nn.Module
 
     ``source``: what :func:`~spectral_guard.audit.audit` takes (files, folders, indexes, an
     ``nn.Module`` or a state_dict). Each tensor is planned
-    (:func:`~spectral_guard.audit.plan.plan_tensor`: linear, embedding, conv, experts) and
+    (:func:`~spectral_guard.audit.plan.plan_tensor`: linear, embedding, conv, experts, fused
+    q/k/v blocks) and
     measured exactly as the audit measures it (same biopsy for the same ``mode``/``limit``/
     ``seed``, same hygiene counts), so thresholds learned on these values judge the audit's
     values. ``n_experts``: the expert count, when the source has no ``config.json`` saying it.
@@ -327,8 +391,9 @@ def measure_matrices(source: str | Path | Sequence[str | Path] | torch.nn.Module
     inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     with torch.no_grad():
         ckpt = open_source(source, dtensor)
+        config = source_config(ckpt, source)[0]
         if n_experts is None:
-            n_experts = config_value(source_config(ckpt, source)[0], CONFIG_EXPERT_KEYS)
-        plan = plan_checkpoint(ckpt, inc, exc, n_experts)
+            n_experts = config_value(config, CONFIG_EXPERT_KEYS)
+        plan = plan_checkpoint(ckpt, inc, exc, n_experts, source_heads(source, config))
         return measure_plan(plan, mode=mode, limit=int(limit), seed=int(seed),
                             progress=progress)

@@ -38,12 +38,14 @@ class MatrixResult:
 
     ``read_as`` says how its tensor was read (:mod:`spectral_guard.audit.plan`): ``"linear"``
     (a 2-D weight), ``"embedding"`` (a 2-D weight named as an embedding), ``"conv"`` (a
-    kernel ``[out, in, k...]`` flattened to ``out x (in * k ...)``) or ``"experts[e]"`` (matrix
-    ``e`` of a stack of experts). The ``logit_*`` values are those of the attention pair the
-    matrix belongs to (:mod:`spectral_guard.audit.logit`): per head, the worst-case bound
-    ``s_h n`` (``logit_head_scales``; maximum ``logit_scale``, reached by head ``logit_head``)
-    and the typical scale ``tau_h`` (``logit_head_typical``; maximum ``logit_typical``, reached
-    by head ``logit_typical_head``)."""
+    kernel ``[out, in, k...]`` flattened to ``out x (in * k ...)``), ``"experts[e]"`` (matrix
+    ``e`` of a stack of experts) or ``"fused_qkv[q]"``/``[k]``/``[v]`` (a block of a fused
+    q/k/v projection, named ``tensor[q]`` etc.; ``shape`` is the block's). The ``logit_*``
+    values are those of the attention pair the matrix belongs to
+    (:mod:`spectral_guard.audit.logit`): per head, the worst-case bound ``s_h n``
+    (``logit_head_scales``; maximum ``logit_scale``, reached by head ``logit_head``) and the
+    typical scale ``tau_h`` (``logit_head_typical``; maximum ``logit_typical``, reached by head
+    ``logit_typical_head``)."""
 
     name: str
     tensor: str
@@ -147,6 +149,8 @@ class Report:
     logit_notes: list[str] = field(default_factory=list)
     logit_needs_heads: bool = False
     """Attention pairs were found but no head count: the logit pass did not run."""
+    plan_notes: list[str] = field(default_factory=list)
+    """How tensors were read, where a user should know (fused projections audited whole)."""
 
     def status_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
@@ -202,9 +206,11 @@ class Report:
 
     @property
     def notes(self) -> list[str]:
-        """Sentences the sources added (e.g. which format a mixed folder was read in), then those
-        of the attention-logit pass (e.g. why it was skipped)."""
-        return [n for s in self.sources for n in s.get("notes", ())] + list(self.logit_notes)
+        """Sentences the sources added (e.g. which format a mixed folder was read in), the
+        planner's (fused projections not split), then those of the attention-logit pass (e.g.
+        why it was skipped)."""
+        return ([n for s in self.sources for n in s.get("notes", ())] + list(self.plan_notes)
+                + list(self.logit_notes))
 
     def to_json_dict(self) -> dict:
         """The documented JSON report (schema ``SCHEMA_VERSION``); contains no NaN/Inf."""
@@ -230,6 +236,7 @@ class Report:
                 "elapsed_s": round(self.elapsed_s, 3),
                 "logit_pairs": self.logit_pairs,
                 "logit_notes": list(self.logit_notes),
+                "plan_notes": list(self.plan_notes),
             },
             "verdict": {
                 "healthy": not failing,
