@@ -4,9 +4,10 @@ thread anything?
 On a GPU the CPU runs ahead; the copy of a check's numbers lands only when the device has
 caught up, most of a step later. The guard's worker waits for it. This script gives the guard
 (``AsyncChecks(fence=...)``, :mod:`spectral_guard.guard.protocol`) an event-like object that
-becomes ready only after the forward and backward of the *next* step (set by the loop just
-before ``optimizer.step()``: most of a step later, whatever the machine's load), with the real
-host half (``decompose``) behind it, and times the training thread's step, arms interleaved:
+becomes ready only after the forward of the *next* step (``--land backward``: after its
+backward, just before the step that collects it), set by the loop itself so that the lag
+follows the step whatever the machine's load, with the real host half (``decompose``) behind
+it, and times the training thread's step, arms interleaved:
 
 * ``plain``: no guard;
 * ``ready``: the guard with an event that is ready at once (the guard's own cost);
@@ -99,6 +100,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ratio", type=float, default=0.05)
     ap.add_argument("--block", type=int, default=5, help="consecutive steps per arm")
+    ap.add_argument("--land", choices=["forward", "backward"], default="forward",
+                    help="the last step's copy lands after this step's forward / backward")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,8 +132,12 @@ def main() -> None:
             for step in range(first, min(first + block, len(data))):
                 x, y = data[step]
                 t0 = time.perf_counter()
-                arm["model"](x, y)["loss"].backward()
-                land(arm)   # the device caught up with the last step: most of a step later
+                loss = arm["model"](x, y)["loss"]
+                if args.land == "forward":
+                    land(arm)   # the device caught up with the last step after this forward
+                loss.backward()
+                if args.land == "backward":
+                    land(arm)   # ... or only after this backward, just before the collect
                 arm["opt"].step()
                 arm["opt"].zero_grad(set_to_none=True)
                 dt = time.perf_counter() - t0
@@ -141,7 +148,7 @@ def main() -> None:
     plain = arms["plain"]["times"]
     print(f"# TinyGPT {args.layers} x {args.d}, batch {args.batch} x {args.seq}, guard "
           f"ratio={args.ratio} (a check every step), events land after the next step's "
-          f"forward and backward; {args.steps} paired steps, {torch.get_num_threads()} threads")
+          f"{args.land}; {args.steps} paired steps, {torch.get_num_threads()} threads")
     for name, arm in arms.items():
         ratio = statistics.median(t / plain[s] for s, t in arm["times"].items())
         polls = sum(e.polls for e in arm["made"]) / sum(arm["times"].values())
