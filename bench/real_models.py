@@ -311,6 +311,7 @@ def audit(path: Path, mode: str, thresholds: Path | None = None) -> dict:
             "flagged": [(m["name"], m["status"], "; ".join(m.get("reasons", []))) for m in flagged],
             "fail_on": doc.get("verdict", {}).get("fail_on", list(FAIL_STATUSES_DEFAULT)),
             "by_tensor": {},
+            "by_name": {m["name"]: m["status"] for m in mats},
             "reading": reading,
         }
     )
@@ -413,8 +414,14 @@ def inject(model: Model, cache: Path, kind: str, tensor: str, block: int | None,
         shutil.copy(cfg, dst / "config.json")
 
 
-def caught(res: dict, tensor: str) -> tuple[bool, str]:
-    statuses = res.get("by_tensor", {}).get(tensor, [])
+def caught(res: dict, tensor: str, block: int | None = None) -> tuple[bool, str]:
+    """Exit 1 and the damaged matrix fails the policy: for a q/k/v block of a fused tensor, the
+    audit's matrix of that block (``tensor[k]``) when the audit split the tensor."""
+    name = tensor if block is None else f"{tensor}[{'qkv'[block]}]"
+    if name in res.get("by_name", {}):
+        statuses = [res["by_name"][name]]
+    else:
+        statuses = res.get("by_tensor", {}).get(tensor, [])
     fail_on = set(res.get("fail_on", FAIL_STATUSES_DEFAULT))
     bad = sorted({s for s in statuses if s in fail_on})
     shown = ",".join(bad) or ",".join(sorted(set(statuses))) or res.get("error", "not audited")
@@ -630,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
             for how, where in hows.items():
                 print(f"    {k} {how}" + ("" if one else f" ({', '.join(where)})"))
     result["audit"] = {
-        k: {x: v for x, v in r.items() if x != "by_tensor"} for k, r in audits.items()
+        k: {x: v for x, v in r.items() if x not in ("by_tensor", "by_name")}
+        for k, r in audits.items()
     }
 
     # 2. injections
@@ -654,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                     inject(m, cache, kind, tensor, block, dst)
                     for mode in imodes:
                         r = audit(dst, mode)
-                        ok, shown = caught(r, tensor)
+                        ok, shown = caught(r, tensor, block)
                         rows.append(
                             {
                                 "injection": label,
