@@ -10,6 +10,10 @@ split by rows (``contiguous`` ``[q; k; v]`` or per-head ``interleaved``), GPT-2'
 ``Conv1D``, ``nn.MultiheadAttention``'s ``in_proj_weight``, and pairs named by the user. Head
 counts come from the attention module's attributes, its ``config``, or the model's ``config``;
 grouped-query attention (fewer key heads) is recognized from the key projection's size.
+
+The audit's planner splits fused projections into their q, k and v blocks with the same rules
+(:func:`stored_transposed`, :func:`fused_head_dim`, :func:`fused_qkv_indices`; a live model's
+through :func:`fused_modules`).
 """
 
 from __future__ import annotations
