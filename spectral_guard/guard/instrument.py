@@ -49,14 +49,14 @@ class Guard:
         self.model, self.config, self.penalty_scale = model, config, 1.0
         self.backoff = backoff or LRBackoff(config.lr_backoff, config.lr_floor)
         self.signs = MatrixSigns(config, alarm or quorum_alarm, self.backoff)
-        self.checks = AsyncChecks()
         self.attention: AttentionGuard | None = None
         self.last_penalty: Tensor | None = None
         self._step = self._forwards = self._ns = 0
         self.follower = Follower(lambda: [layer.weight for layer in self.layers])
         self._removed, self._root_handles = False, []
         ref = weakref.ref(self)
-        self.layers, self.skipped = install_layers(model, config, ref)
+        self.layers, self.skipped = install_layers(model, config, ref)  # undoes itself
+        self.checks = AsyncChecks()   # the worker thread: started once nothing can fail before
         self.cycle = LayerChecks(self.layers, config)
         self.by_name, self.history = self.cycle.by_name, self.cycle.history
         try:
