@@ -53,7 +53,9 @@ class Scan:
         if block.dtype not in _BITS:  # float8: small, upcasting is exact
             block = block.to(torch.float32)
         int_dtype, mask, inf_bits = _BITS[block.dtype]
-        bits = torch.bitwise_and(block.contiguous().view(int_dtype), mask,
+        # a same-size dtype view works on any strides: a column slice (a fused projection's
+        # block stored in x out) is read in place, not copied first
+        bits = torch.bitwise_and(block.view(int_dtype), mask,
                                  out=_scratch(int_dtype, block.shape, block.device))
         row_max = bits.amax(1)
         self.dead_rows += int((row_max == 0).sum())
