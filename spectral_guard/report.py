@@ -29,7 +29,7 @@ STATUS_STYLE = {
 
 CSV_FIELDS = ("name", "tensor", "file", "shape", "read_as", "dtype", "group", "mode",
               "measured_shape", "status", "reasons", "stable_rank", "stable_rank_ratio",
-              "condition_number",
+              "row_stable_rank", "condition_number",
               "singular", "sigma_max", "sigma_min", "effective_rank", "effective_rank_ratio",
               "alpha", "nonfinite", "dead_rows", "dead_cols", "duplicate_rows",
               "duplicate_sample", "logit_typical", "logit_scale", "logit_head", "logit_pair")
@@ -62,7 +62,8 @@ def audit_table(report: Report, top: int | None = None) -> Table:
     table = Table(title=title, header_style="bold", show_lines=False)
     for col, justify in (("name", "left"), ("shape", "right"), ("read as", "left"),
                          ("dtype", "left"),
-                         ("SR", "right"), ("SR/k", "right"), ("kappa", "right"),
+                         ("SR", "right"), ("SR/k", "right"), ("row SR", "right"),
+                         ("kappa", "right"),
                          ("erank/k", "right"), ("alpha", "right"), ("status", "left"),
                          ("reason", "left")):
         table.add_column(col, justify=justify, overflow="fold")
@@ -73,7 +74,7 @@ def audit_table(report: Report, top: int | None = None) -> Table:
     for m in rows:
         table.add_row(
             m.name, _shape(m.shape), m.read_as, m.dtype, _g(m.stable_rank), _g(m.stable_rank_ratio),
-            _kappa(m), _g(m.effective_rank_ratio), _g(m.alpha),
+            _g(m.row_stable_rank), _kappa(m), _g(m.effective_rank_ratio), _g(m.alpha),
             Text(m.status, style=STATUS_STYLE.get(m.status, "")),
             (m.reasons[0] + (f" (+{len(m.reasons) - 1})" if len(m.reasons) > 1 else ""))
             if m.reasons else "",

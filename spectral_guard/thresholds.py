@@ -101,9 +101,17 @@ class Rule:
     """Per-matrix limits. ``None`` disables a check.
 
     Audit (absolute, on one checkpoint):
-      stable_rank_min            collapsed if ``SR < value`` (a few directions dominate)
+      stable_rank_min            with row_stable_rank_min: one direction holds the energy
+                                 (``SR < value``); collapsed when the rows also span few
+                                 directions (``row_SR < row_stable_rank_min``), not collapsed
+                                 when they spread (a few output channels of large norm);
+                                 without row_stable_rank_min, collapsed if ``SR < value``
+      row_stable_rank_min        the floor of the row-normalized stable rank ``row_SR`` (SR of
+                                 the rows scaled to unit norm), read only where ``SR <
+                                 stable_rank_min``; a file without it takes the shipped value
       stable_rank_ratio_min      collapsed if ``SR / min(m, n) < value``
-      effective_rank_ratio_min   collapsed if ``erank / min(m, n) < value``
+      effective_rank_ratio_min   collapsed if ``erank / min(m, n) < value``, unless ``SR <
+                                 stable_rank_min`` (then the rows decide, as above)
       condition_number_max       ill_conditioned if ``kappa > value``
       dead_unit_fraction_max     dead_units if the fraction of all-zero rows or columns > value
       duplicate_row_fraction_max suspicious if the fraction of near-duplicate rows > value
@@ -130,6 +138,7 @@ class Rule:
     """
 
     stable_rank_min: float | None = None
+    row_stable_rank_min: float | None = None
     stable_rank_ratio_min: float | None = None
     effective_rank_ratio_min: float | None = None
     condition_number_max: float | None = None
@@ -222,7 +231,13 @@ class Thresholds:
         if version != SCHEMA_VERSION:
             raise ThresholdsError(f"{source}: unsupported schema_version {version!r} "
                                   f"(this version reads {SCHEMA_VERSION})")
-        default = Rule.from_dict(data.get("default", {}), f"{source}: default")
+        default_fields = data.get("default", {})
+        if isinstance(default_fields, dict) and any(k not in default_fields
+                                                    for k in SHIPPED_IF_ABSENT):
+            shipped = _shipped_rule()  # an older file: the fields it predates, as shipped
+            default_fields = {**{k: getattr(shipped, k) for k in SHIPPED_IF_ABSENT},
+                              **default_fields}
+        default = Rule.from_dict(default_fields, f"{source}: default")
         groups = []
         for i, g in enumerate(data.get("groups", [])):
             where = f"{source}: groups[{i}]"
@@ -241,6 +256,19 @@ class Thresholds:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+SHIPPED_IF_ABSENT = ("row_stable_rank_min",)
+"""Rule fields added after files were written without them: a file whose ``default`` rule
+lacks one takes the shipped default's value (so an older calibrated file keeps the shipped
+collapse law instead of silently switching the check off). ``null`` in a file still means off."""
+
+
+def _shipped_rule() -> Rule:
+    """The shipped ``default`` rule, read straight from the packaged JSON."""
+    text = resources.files("spectral_guard.data").joinpath("default_thresholds.json")
+    data = json.loads(text.read_text())
+    return Rule.from_dict(data["default"], "default_thresholds.json: default")
 
 
 def load_thresholds(path: str | Path | None = None) -> Thresholds:

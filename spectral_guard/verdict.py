@@ -6,9 +6,17 @@ check that failed, worst first):
 ``nonfinite``        at least one NaN or +-Inf entry. The spectral metrics are not computed.
 ``dead_units``       the fraction of all-zero rows (dead output units) or of all-zero columns
                      (dead inputs) exceeds ``dead_unit_fraction_max``. An all-zero matrix is here.
-``collapsed``        ``min(m, n) >= collapse_min_dim`` and any of: ``SR < stable_rank_min``,
-                     ``SR / min(m, n) < stable_rank_ratio_min``,
-                     ``erank / min(m, n) < effective_rank_ratio_min``.
+``collapsed``        ``min(m, n) >= collapse_min_dim`` and any of:
+                     ``SR < stable_rank_min`` and ``row_SR < row_stable_rank_min`` (one
+                     direction holds the energy and the rows, scaled to unit norm, point the
+                     same way); ``SR / min(m, n) < stable_rank_ratio_min``;
+                     ``erank / min(m, n) < effective_rank_ratio_min`` where ``SR >=
+                     stable_rank_min``. Where ``SR < stable_rank_min`` the rows decide: a
+                     matrix whose energy sits in a few output channels of large norm that
+                     point different ways (``row_SR >= row_stable_rank_min``) is not collapsed,
+                     and its low effective rank (the same few channels) is not read either.
+                     A ``None`` row floor or row value leaves ``SR < stable_rank_min`` alone
+                     deciding (the law before the row check).
 ``ill_conditioned``  ``kappa > condition_number_max`` (a singular matrix has ``kappa = inf``).
 ``logit_risk``       an attention pair's typical q-k logit scale ``max_h tau_h``
                      (``logit_typical``: the RMS logit of isotropic unit-RMS inputs, see
@@ -61,6 +69,7 @@ class Observation:
     dead_cols: int = 0
     stable_rank: float | None = None
     stable_rank_ratio: float | None = None
+    row_stable_rank: float | None = None
     effective_rank_ratio: float | None = None
     condition_number: float | None = None
     alpha: float | None = None
@@ -76,6 +85,30 @@ def _fmt(x: float) -> str:
     if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
         return f"{x:.3g}"
     return f"{x:.4g}"
+
+
+def _below(value: float | None, floor: float | None) -> bool:
+    return value is not None and floor is not None and value < floor
+
+
+def _collapse_reasons(obs: Observation, rule: Rule) -> list[str]:
+    """The failed collapse checks (module docstring), each as one string."""
+    out = []
+    sr, sr_min = obs.stable_rank, rule.stable_rank_min
+    row, row_min = obs.row_stable_rank, rule.row_stable_rank_min
+    dominated = _below(sr, sr_min)  # one direction holds the energy
+    spread = dominated and row is not None and row_min is not None and row >= row_min
+    if dominated and not spread:
+        out.append(f"stable rank {_fmt(sr)} < {_fmt(sr_min)}"
+                   + (f" and row-normalized stable rank {_fmt(row)} < {_fmt(row_min)}"
+                      if row is not None and row_min is not None else ""))
+    if _below(obs.stable_rank_ratio, rule.stable_rank_ratio_min):
+        out.append(f"stable-rank ratio {_fmt(obs.stable_rank_ratio)} < "
+                   f"{_fmt(rule.stable_rank_ratio_min)}")
+    if not spread and _below(obs.effective_rank_ratio, rule.effective_rank_ratio_min):
+        out.append(f"effective-rank ratio {_fmt(obs.effective_rank_ratio)} < "
+                   f"{_fmt(rule.effective_rank_ratio_min)}")
+    return out
 
 
 def judge(obs: Observation, rule: Rule) -> tuple[str, list[str]]:
@@ -95,13 +128,7 @@ def judge(obs: Observation, rule: Rule) -> tuple[str, list[str]]:
                     f"{count}/{total} all-zero {what} ({_fmt(count / total)} > {_fmt(limit)})")
     min_dim_ok = rule.collapse_min_dim is None or obs.min_dim >= rule.collapse_min_dim
     if min_dim_ok:
-        for value, threshold, label in (
-                (obs.stable_rank, rule.stable_rank_min, "stable rank"),
-                (obs.stable_rank_ratio, rule.stable_rank_ratio_min, "stable-rank ratio"),
-                (obs.effective_rank_ratio, rule.effective_rank_ratio_min,
-                 "effective-rank ratio")):
-            if value is not None and threshold is not None and value < threshold:
-                found["collapsed"].append(f"{label} {_fmt(value)} < {_fmt(threshold)}")
+        found["collapsed"].extend(_collapse_reasons(obs, rule))
     kappa, kmax = obs.condition_number, rule.condition_number_max
     if kappa is not None and kmax is not None and kappa > kmax:
         what = "singular (kappa = inf)" if math.isinf(kappa) else f"kappa {_fmt(kappa)}"

@@ -8,6 +8,7 @@ functions compares two implementations, not one with itself.
 * stable rank         ``sum s^2 / s_1^2``
 * effective rank      ``exp(H(p))``, ``p = s / sum s`` (Roy & Vetterli 2007), zeros left out
 * condition number    ``s_1 / s_k``
+* row stable rank     the stable rank of the rows scaled to unit norm (all-zero rows dropped)
 * alpha               the power-law fit WeightWatcher 0.7.7 reports (:func:`powerlaw_fit`):
                       straight loops over every candidate ``xmin``; and the median-``xmin``
                       Hill estimator (:func:`hill_median_alpha`)
@@ -47,6 +48,18 @@ def effective_rank(s: np.ndarray) -> float:
 
 def condition_number(s: np.ndarray) -> float:
     return float(s[0] / s[-1])
+
+
+def row_stable_rank(W) -> float:
+    """``sum s^2 / s_1^2`` of ``W`` with each non-zero row divided by its norm (plain loop),
+    ``s`` from numpy's float64 SVD."""
+    A = as_numpy64(W)
+    rows = []
+    for row in A:
+        norm = math.sqrt(float((row * row).sum()))
+        if norm > 0:
+            rows.append(row / norm)
+    return stable_rank(singular_values(np.array(rows)))
 
 
 def metrics(W, alpha: bool = True) -> dict[str, float]:

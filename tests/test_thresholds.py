@@ -186,3 +186,20 @@ def test_null_and_integers_are_accepted(tmp_path):
     t = load_thresholds(_write(tmp_path, data))
     assert t.default.condition_number_max is None
     assert t.default.stable_rank_min == 3.0 and isinstance(t.default.stable_rank_min, float)
+
+
+def test_a_file_without_the_row_floor_takes_the_shipped_value(tmp_path):
+    # files written before row_stable_rank_min existed keep the shipped collapse law; an
+    # explicit null still switches the row check off
+    shipped = default_thresholds().default.row_stable_rank_min
+    assert shipped is not None and shipped > 0
+    data = default_thresholds().to_dict()
+    del data["default"]["row_stable_rank_min"]
+    old = load_thresholds(_write(tmp_path, data, "old.json"))
+    assert old.default.row_stable_rank_min == shipped
+    assert old.rule_for("model.layers.0.mlp.up_proj.weight").row_stable_rank_min == shipped
+    assert old.default == default_thresholds().default
+    data["default"]["row_stable_rank_min"] = None
+    assert load_thresholds(_write(tmp_path, data, "off.json")).default.row_stable_rank_min is None
+    data["default"]["row_stable_rank_min"] = 2.5
+    assert load_thresholds(_write(tmp_path, data, "own.json")).default.row_stable_rank_min == 2.5

@@ -98,12 +98,62 @@ def test_default_thresholds_resolve_embedding_group():
     assert th.group_for("model.embed_tokens.weight") == "embeddings_and_heads"
     assert th.group_for("model.layers.0.mlp.up_proj.weight") is None
     assert emb == head
-    assert emb.stable_rank_min < hidden.stable_rank_min
+    # embeddings and heads: judged by the spread of the spectrum only (a dominant shared
+    # direction is expected: gpt2-stdlib's byte-level wte reads SR 1.05, row SR 1.46,
+    # erank/k 0.27)
+    assert emb.stable_rank_min is None and hidden.stable_rank_min == 1.5
     assert emb.effective_rank_ratio_min < hidden.effective_rank_ratio_min
-    between = healthy(stable_rank=(emb.stable_rank_min + hidden.stable_rank_min) / 2)
-    assert judge(between, hidden)[0] == "collapsed"
-    assert judge(between, emb)[0] == "ok"
-    assert judge(healthy(stable_rank=1.0), emb)[0] == "collapsed"  # rank 1 is caught everywhere
+    byte_wte = healthy(rows=256, cols=128, min_dim=128, stable_rank=1.05, row_stable_rank=1.46,
+                       effective_rank_ratio=0.27)
+    assert judge(byte_wte, emb) == ("ok", [])
+    assert judge(byte_wte, hidden)[0] == "collapsed"
+    # a rank-1 embedding still fails: erank / k = 1 / 128
+    rank1 = healthy(rows=256, cols=128, min_dim=128, stable_rank=1.0, row_stable_rank=1.0,
+                    effective_rank_ratio=1 / 128)
+    assert judge(rank1, emb) == ("collapsed", [f"effective-rank ratio {1 / 128:.4g} < 0.05"])
+
+
+SHIPPED_HIDDEN = default_thresholds().rule_for("model.layers.0.mlp.up_proj.weight")
+
+
+@pytest.mark.parametrize("kw, expected", [
+    # silero-vad conv4 as the biopsy reads it: one direction holds the energy, but a few
+    # output channels of large norm point different ways -> not collapse (and its low erank,
+    # the same few channels, is not read either)
+    (dict(stable_rank=1.066, row_stable_rank=9.44, effective_rank_ratio=0.1525), []),
+    # a spike W + 3 ||W||_F u v^T: energy in one direction and the rows aligned
+    (dict(stable_rank=1.11, row_stable_rank=1.5, effective_rank_ratio=0.4),
+     ["stable rank 1.11 < 1.5 and row-normalized stable rank 1.5 < 4"]),
+    # rank 1: both floors, and the erank floor too
+    (dict(stable_rank=1.0, row_stable_rank=1.0, effective_rank_ratio=0.01),
+     ["stable rank 1 < 1.5 and row-normalized stable rank 1 < 4",
+      "effective-rank ratio 0.01 < 0.2"]),
+    # rank 4 at equal norm: SR above the floor, the erank floor catches it (row SR <= rank)
+    (dict(stable_rank=3.2, row_stable_rank=3.1, effective_rank_ratio=0.04),
+     ["effective-rank ratio 0.04 < 0.2"]),
+    # a healthy hidden matrix whose rows share a direction (khmer-ocr's classifier fc:
+    # SR 1.62, row SR 1.43, erank/k 0.6): the energy is not in one direction
+    (dict(stable_rank=1.62, row_stable_rank=1.43, effective_rank_ratio=0.6), []),
+    # exactly at the row floor is spread (strict "<")
+    (dict(stable_rank=1.1, row_stable_rank=4.0, effective_rank_ratio=0.1), []),
+])
+def test_collapse_law_reads_the_rows_where_one_direction_dominates(kw, expected):
+    got = judge(healthy(**kw), SHIPPED_HIDDEN)
+    assert got == (("collapsed", expected) if expected else ("ok", []))
+
+
+def test_collapse_law_without_a_row_value_or_floor_is_the_stable_rank_floor():
+    dominated = dict(stable_rank=1.1, row_stable_rank=9.0, effective_rank_ratio=0.1)
+    off = Rule(stable_rank_min=1.5, row_stable_rank_min=None, effective_rank_ratio_min=0.2)
+    assert judge(healthy(**dominated), off) == (
+        "collapsed", ["stable rank 1.1 < 1.5", "effective-rank ratio 0.1 < 0.2"])
+    unmeasured = dict(dominated, row_stable_rank=None)
+    assert judge(healthy(**unmeasured), SHIPPED_HIDDEN) == (
+        "collapsed", ["stable rank 1.1 < 1.5", "effective-rank ratio 0.1 < 0.2"])
+    assert judge(healthy(**dominated), SHIPPED_HIDDEN) == ("ok", [])
+    # below collapse_min_dim no collapse check runs
+    assert judge(healthy(min_dim=4, stable_rank=1.0, row_stable_rank=1.0), SHIPPED_HIDDEN)[0] \
+        == "ok"
 
 
 def test_logit_risk_reads_the_typical_scale_and_a_set_bound_only():

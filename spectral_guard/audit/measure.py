@@ -12,7 +12,9 @@ only its biopsy (biopsy mode) or its singular values (exact mode) come to the CP
 
 :func:`measure_matrices` is the public entry: a source in, measured (not yet judged)
 :class:`~spectral_guard.audit.report.MatrixResult` objects out; the audit and calibration both
-measure through it. Duplicate rows are counted on the biopsy submatrix in both modes.
+measure through it. Duplicate rows are counted on the biopsy submatrix in both modes; the
+row-normalized stable rank (:mod:`spectral_guard.audit.rows`) on the measured matrix (the biopsy,
+or the whole matrix in exact mode), like every spectral value.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from .plan import (
     source_heads,
 )
 from .report import MatrixResult
+from .rows import row_stable_rank
 from .scan import Scan
 
 Progress = Callable[[int, int, str], None]
@@ -292,12 +295,12 @@ def _decompose(results: list[MatrixResult], measured: list[_Measured], mode: str
                               strict=True):
                 metrics[i] = met
         for res, meas, met in zip(results, measured, metrics, strict=True):
-            _fill(res, meas.scan, met, meas.biopsy)
+            _fill(res, meas.scan, met, meas.matrix, meas.biopsy)
     return results
 
 
 def _fill(result: MatrixResult, scan: Scan, metrics: SpectralMetrics | None,
-          biopsy: torch.Tensor) -> None:
+          matrix: torch.Tensor, biopsy: torch.Tensor) -> None:
     result.nan, result.inf = scan.nan, scan.inf
     result.nonfinite = scan.nonfinite
     result.dead_rows, result.dead_cols = scan.dead_rows, scan.dead_cols
@@ -310,6 +313,7 @@ def _fill(result: MatrixResult, scan: Scan, metrics: SpectralMetrics | None,
         result.frobenius = metrics.frobenius
         result.effective_rank = metrics.effective_rank
         result.effective_rank_ratio = metrics.effective_rank_ratio
+        result.row_stable_rank = row_stable_rank(matrix)
         result.alpha = metrics.alpha if math.isfinite(metrics.alpha) else None
         result.duplicate_sample = int(biopsy.shape[0])
         result.duplicate_rows = duplicate_rows(biopsy, DUPLICATE_COS)

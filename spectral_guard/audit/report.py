@@ -26,15 +26,17 @@ def _num(x: float | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
-_FLOAT_FIELDS = ("stable_rank", "stable_rank_ratio", "condition_number", "sigma_max",
-                 "sigma_min", "frobenius", "effective_rank", "effective_rank_ratio", "alpha",
-                 "logit_scale", "logit_typical")
+_FLOAT_FIELDS = ("stable_rank", "stable_rank_ratio", "row_stable_rank", "condition_number",
+                 "sigma_max", "sigma_min", "frobenius", "effective_rank", "effective_rank_ratio",
+                 "alpha", "logit_scale", "logit_typical")
 
 
 @dataclass
 class MatrixResult:
     """One audited matrix. Spectral values are those of the measured matrix (the biopsy in
     biopsy mode, see ``measured_shape``) and ``None`` when the matrix has non-finite entries.
+    ``row_stable_rank`` is the stable rank of the measured matrix with its rows scaled to unit
+    norm (:mod:`spectral_guard.audit.rows`).
 
     ``read_as`` says how its tensor was read (:mod:`spectral_guard.audit.plan`): ``"linear"``
     (a 2-D weight), ``"embedding"`` (a 2-D weight named as an embedding), ``"conv"`` (a
@@ -61,6 +63,7 @@ class MatrixResult:
     reasons: list[str] = field(default_factory=list)
     stable_rank: float | None = None
     stable_rank_ratio: float | None = None
+    row_stable_rank: float | None = None
     condition_number: float | None = None
     singular: bool = False
     sigma_max: float | None = None
@@ -92,7 +95,7 @@ class MatrixResult:
             min_dim=min(m, n), rows=m, cols=n, nonfinite=self.nonfinite,
             dead_rows=self.dead_rows, dead_cols=self.dead_cols,
             stable_rank=self.stable_rank, stable_rank_ratio=self.stable_rank_ratio,
-            effective_rank_ratio=self.effective_rank_ratio,
+            row_stable_rank=self.row_stable_rank, effective_rank_ratio=self.effective_rank_ratio,
             condition_number=self.condition_number if self.nonfinite == 0 else None,
             alpha=self.alpha, duplicate_rows=self.duplicate_rows,
             duplicate_sample=self.duplicate_sample, logit_scale=self.logit_scale,

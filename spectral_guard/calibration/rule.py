@@ -18,6 +18,11 @@ with ``r = reference_margin`` (default 0.9, in ``(0, 1]``) and ``base``
   passes as the group's fallback (the shipped rule of the group's own role: see
   :mod:`spectral_guard.calibration.groups`); an off fallback stays off.
 
+``row_stable_rank_min`` is not learned: it is the shipped value of the group's role, forwarded
+(:mod:`spectral_guard.calibration.build` starts every group from its role's full rule). The
+verdict reads it only where ``SR < stable_rank_min``, and the learned ``stable_rank_min`` is at
+most ``r min_i SR_i``, so it cannot fail a reference.
+
 Floors are rounded down and ceilings up to four significant digits. Hence every reference
 passes every learned check by construction: the verdict flags ``x < floor`` and
 ``x > ceiling``, and ``floor <= r min x <= x <= max x <= max x / r <= ceiling``. ``r < 1``

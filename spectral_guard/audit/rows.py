@@ -1,0 +1,90 @@
+"""The row-normalized stable rank: do the rows point the same way, whatever their norms?
+
+``row_SR(W) = SR(N) = ||N||_F^2 / sigma_max(N)^2`` with ``N`` the rows of ``W`` scaled to unit
+norm (all-zero rows left out, so ``||N||_F^2`` is the number of non-zero rows). ``1 <= row_SR
+<= rank(W)``: 1 when every row is parallel to one vector, about ``r`` when the rows spread
+evenly over ``r`` directions. Unlike the stable rank it does not see how the energy is shared
+between rows: a matrix with a few output channels of huge norm pointing different ways has a
+stable rank near 1 (one row holds the energy) and a large row-normalized stable rank; a
+rank-1 matrix, or a spike ``W + c u v^T`` that dominates most rows, has both near 1.
+
+The audit measures it on the matrix it measures (the biopsy in biopsy mode, with each row
+scaled by its norm within the biopsy; the whole matrix in exact mode), in float64: one
+``sigma_max`` of ``N``, by Lanczos iteration (a Krylov method: power iteration that keeps its
+past vectors) on the Gram matrix of ``N``'s shorter side (or on ``N`` and ``N^T`` when that
+side is longer than :data:`GRAM_MAX`), started from the rows' mean direction (the top
+direction when the rows align, so collapsed matrices converge in a few steps). The top Ritz
+value is a lower bound of ``sigma_max^2``; it is taken once it moves by less than
+:data:`RTOL` (at most :data:`MAX_STEPS` steps; a clustered top, where it converges slowest,
+means rows that spread, far above any floor). Measured to agree with numpy's SVD to 1e-9.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GRAM_MAX = 1024
+"""Up to this shorter side, the iteration multiplies by the float64 Gram matrix (``k x k``)
+of that side; beyond it, by ``N`` and ``N^T`` (no ``k x k`` matrix is formed)."""
+
+MAX_STEPS = 64
+"""Lanczos steps at most (the Krylov space of the rows' mean direction)."""
+
+RTOL = 1e-13
+"""Stop when the top Ritz value moved by less than this (relative) over the last steps."""
+
+
+def _top_eigenvalue(step, x: torch.Tensor, k: int) -> float:
+    """The largest eigenvalue of the symmetric PSD operator ``step`` (``k x k``): Lanczos from
+    ``x`` with full reorthogonalization, the top Ritz value (a lower bound, exact once the
+    Krylov space is invariant), checked every 4 steps."""
+    basis = [x / x.norm()]
+    images: list[torch.Tensor] = []
+    top = 0.0
+    for i in range(min(MAX_STEPS, k)):
+        images.append(step(basis[-1]))
+        Q, AQ = torch.stack(basis, 1), torch.stack(images, 1)
+        w = images[-1]
+        for _ in range(2):  # full reorthogonalization, twice
+            w = w - Q @ (Q.mT @ w)
+        norm = float(w.norm())
+        last = i + 1 == min(MAX_STEPS, k)
+        invariant = norm <= 1e-10 * float(images[-1].norm())
+        if (i + 1) % 4 == 0 or invariant or last:
+            T = Q.mT @ AQ
+            new = float(torch.linalg.eigvalsh((T + T.mT) / 2)[-1])
+            if invariant or last or abs(new - top) <= RTOL * new:
+                return new
+            top = new
+        basis.append(w / norm)
+    return top
+
+
+@torch.no_grad()
+def row_stable_rank(M: torch.Tensor) -> float | None:
+    """``SR`` of ``M`` with its rows scaled to unit norm (module docstring); ``None`` for a
+    matrix with no non-zero row or a non-finite entry."""
+    N = M.detach().to(torch.float64)  # on the matrix's device
+    if N.dim() != 2 or not bool(torch.isfinite(N).all()):
+        return None
+    norms = torch.linalg.vector_norm(N, dim=1)
+    keep = norms > 0
+    if not bool(keep.any()):
+        return None
+    N = N[keep] / norms[keep].unsqueeze(1)
+    rows, cols = N.shape
+    if rows == 1:
+        return 1.0
+    tall = cols <= rows  # iterate in the shorter side's space
+    mean = N.sum(0)
+    x = mean if tall else N @ mean
+    if float(x.norm()) == 0:  # the rows cancel exactly: any start works
+        x = torch.ones_like(x)
+    if min(rows, cols) <= GRAM_MAX:
+        G = N.mT @ N if tall else N @ N.mT
+        lam = _top_eigenvalue(lambda y: G @ y, x, min(rows, cols))
+    elif tall:
+        lam = _top_eigenvalue(lambda y: N.mT @ (N @ y), x, cols)
+    else:
+        lam = _top_eigenvalue(lambda y: N @ (N.mT @ y), x, rows)
+    return rows / lam if lam > 0 else None
