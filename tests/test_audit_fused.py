@@ -262,6 +262,24 @@ def test_live_gpt2_matches_its_checkpoint(tmp_path) -> None:
             assert_metrics(live[name], W[:, 32 * i:32 * (i + 1)], torch.float32)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["biopsy", "exact"])
+def test_cuda_gpt2_blocks_like_cpu(mode) -> None:
+    # the blocks' rows/columns are selected on the device; biopsies are decomposed on the CPU
+    # (equal), exact SVDs on the device (float32 rounding)
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    cpu = by_name(audit(model, mode=mode, thresholds=OFF))
+    gpu = by_name(audit(model.cuda(), mode=mode, thresholds=OFF))
+    assert sorted(gpu) == sorted(cpu)
+    for b in QKV:
+        name = f"transformer.h.0.attn.c_attn.weight[{b}]"
+        assert gpu[name].shape == (32, 32)
+        assert gpu[name].stable_rank == pytest.approx(cpu[name].stable_rank, rel=1e-4)
+
+
 # ------------------------------------------------------------------ the trained GPT-2 fixture
 
 
