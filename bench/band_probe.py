@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import efficacy as E  # noqa: E402
 
 import spectral_guard  # noqa: E402
+from spectral_guard.guard.signs import collapse_treated  # noqa: E402
 
 VARIANTS: dict[str, dict | None] = {
     "plain": None,
@@ -155,7 +156,7 @@ def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: 
                         if math.isfinite(st.scale)), default=0.0)
             graded_scale = min(1.0, max(0.1, (1.0 / over) ** 2)) if over > 1.0 else 1.0
         if variant in ("graded_q", "graded_qm") and guard is not None:
-            treated, penalized = guard._collapse_treated(sudden=False)
+            treated, penalized = collapse_treated(guard.layers, guard.config, sudden=False)
             frac = len(treated) / max(penalized, 1)
             want = max(0.25, 0.5 ** (frac / guard.config.msign_quorum))
             if variant == "graded_qm":   # down at once, up by 2x per 25 check periods at most
@@ -226,14 +227,14 @@ def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: 
             if guard is not None:
                 m, stats = guard.metrics(), guard.stats()
                 lams = [v["lambda_collapse"] for v in stats["layers"].values()]
-                sudden, penalized = guard._collapse_treated(sudden=True)
-                treated, _ = guard._collapse_treated(sudden=False)
+                sudden, penalized = collapse_treated(guard.layers, guard.config, sudden=True)
+                treated, _ = collapse_treated(guard.layers, guard.config, sudden=False)
                 rec.update(treated=len(treated), sudden=len(sudden), penalized=penalized,
                            quorum=guard.config.msign_quorum * penalized,
                            max_lambda=max(lams, default=0.0),
                            alarm_attn=bool(attn is not None
                                            and attn.alarm(guard.config.msign_alarm)),
-                           alarm=bool(guard._alarm()), msigns=m["msigns"],
+                           alarm=bool(guard.signs.alarm(guard)), msigns=m["msigns"],
                            lr_scale=m["lr_scale"], attn_hits=m.get("attention_interventions",
                                                                    0.0),
                            rescales=m.get("attention_rescales", 0.0),
@@ -275,8 +276,8 @@ def summary(path: Path) -> None:
     plain tuned, same seed and steps), attention state after warmup, the hinge's strength where
     it is active (layers with ``lambda > 0`` at a logged step: median ``||grad pen|| / ||grad
     ce||`` on W_q, W_k, mean one-step change of the top head's scale from each gradient), the
-    alarm condition's first logged step (``Guard._alarm()``, also computed with ``msign_every=0``
-    where nothing acts on it), signs and the learning-rate scale at the end."""
+    alarm condition's first logged step (``guard.signs.alarm(guard)``, also computed with
+    ``msign_every=0`` where nothing acts on it), signs and the learning-rate scale at the end."""
     runs = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
     plain = {(r["lr"], r["seed"], r["steps"]): r["final"] for r in runs
              if r["variant"] == "plain"}
