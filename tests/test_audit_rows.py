@@ -50,11 +50,15 @@ def spiked(m: int, n: int, seed: int) -> torch.Tensor:
     lambda: torch.randn(50, 1, generator=torch.Generator().manual_seed(4))
     * torch.randn(1, 70, generator=torch.Generator().manual_seed(5)),  # rank 1
 ])
-@pytest.mark.parametrize("gram_max", [rows_mod.GRAM_MAX, 0])  # Gram path, and N itself
-def test_row_stable_rank_matches_numpy(make, gram_max, monkeypatch):
-    monkeypatch.setattr(rows_mod, "GRAM_MAX", gram_max)
-    W = make()
-    assert rows_mod.row_stable_rank(W) == pytest.approx(R.row_stable_rank(W), rel=1e-9)
+@pytest.mark.parametrize("eig_max, dtype, rel", [
+    (rows_mod.EIG_MAX, torch.float32, 1e-9),  # float64 Gram + eigvalsh (every biopsy)
+    (0, torch.float32, 1e-6),  # Lanczos on N in float32 (exact mode, k > EIG_MAX)
+    (0, torch.float64, 1e-9),  # ... in float64 (F64 storage)
+])
+def test_row_stable_rank_matches_numpy(make, eig_max, dtype, rel, monkeypatch):
+    monkeypatch.setattr(rows_mod, "EIG_MAX", eig_max)
+    W = make().to(dtype)
+    assert rows_mod.row_stable_rank(W) == pytest.approx(R.row_stable_rank(W), rel=rel)
 
 
 def test_row_stable_rank_edge_cases():
