@@ -1,4 +1,5 @@
-"""The learning-rate back-off (guard/backoff.py): the scale law, its application around one
+"""The learning-rate back-off (guard/backoff.py), its "alarm" policy (the graded one:
+tests/test_guard_graded.py): the scale law, its application around one
 optimizer step (float and tensor ``lr``), the alarm that drives it, and its state."""
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def test_a_backed_off_guard_steps_like_plain_training_at_the_scaled_lr():
     schedule is halved take the same steps; the guarded optimizer's lr reads unscaled."""
     batches = _batches(6)
     guarded, plain = _model(), _model()
-    guard = spectral_guard.instrument(guarded, attention=False, msign_every=0, ratio=0.05)
+    guard = spectral_guard.instrument(guarded, lr_policy="alarm", attention=False,
+                                      msign_every=0, ratio=0.05)
     _force_alarm(guard)
     opt_g = torch.optim.SGD(guarded.parameters(), lr=0.1)
     opt_p = torch.optim.SGD(plain.parameters(), lr=0.1)
@@ -89,7 +91,7 @@ def test_a_backed_off_guard_steps_like_plain_training_at_the_scaled_lr():
 def test_only_the_followed_optimizer_is_scaled():
     model = _model()
     other = torch.nn.Parameter(torch.zeros(3))
-    guard = spectral_guard.instrument(model, attention=False, msign_every=0)
+    guard = spectral_guard.instrument(model, lr_policy="alarm", attention=False, msign_every=0)
     _force_alarm(guard)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     side = torch.optim.SGD([other], lr=1.0)
@@ -106,8 +108,9 @@ def test_only_the_followed_optimizer_is_scaled():
 def test_the_alarm_backs_off_a_run_that_keeps_collapsing_and_a_healthy_run_is_untouched():
     # the attention target no pair can meet: the alarm is raised from the first reading
     alarmed, healthy = _model(), _model()
-    g_alarm = spectral_guard.instrument(alarmed, msign_every=2, attention_max_scale=1e-6)
-    g_healthy = spectral_guard.instrument(healthy, msign_every=2)
+    g_alarm = spectral_guard.instrument(alarmed, lr_policy="alarm", msign_every=2,
+                                        attention_max_scale=1e-6)
+    g_healthy = spectral_guard.instrument(healthy, lr_policy="alarm", msign_every=2)
     for model in (alarmed, healthy):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for x, y in _batches(6):
@@ -120,8 +123,8 @@ def test_the_alarm_backs_off_a_run_that_keeps_collapsing_and_a_healthy_run_is_un
     assert g_alarm.metrics()["lr_scale"] == 0.25
     assert g_healthy.metrics()["lr_scale"] == 1.0 and g_healthy.metrics()["msigns"] == 0
     off = _model()
-    g_off = spectral_guard.instrument(off, msign_every=2, attention_max_scale=1e-6,
-                                      lr_backoff=1.0)
+    g_off = spectral_guard.instrument(off, lr_policy="alarm", msign_every=2,
+                                      attention_max_scale=1e-6, lr_backoff=1.0)
     opt = torch.optim.AdamW(off.parameters(), lr=1e-3)
     for x, y in _batches(4):
         off(x, y)["loss"].backward()
@@ -132,13 +135,13 @@ def test_the_alarm_backs_off_a_run_that_keeps_collapsing_and_a_healthy_run_is_un
 
 def test_scale_lives_in_the_guard_state_and_copies():
     model = _model()
-    guard = spectral_guard.instrument(model, attention=False)
+    guard = spectral_guard.instrument(model, lr_policy="alarm", attention=False)
     _force_alarm(guard)
     state = guard.state_dict()
-    assert state["lr_backoff"] == {"scale": 0.5, "backoffs": 1}
+    assert state["lr_backoff"] == {"scale": 0.5, "backoffs": 1, "updated_step": None}
     assert state["config"]["lr_backoff"] == 0.5 and state["config"]["lr_floor"] == 0.25
     guard.remove()
-    fresh = spectral_guard.instrument(model, attention=False)
+    fresh = spectral_guard.instrument(model, lr_policy="alarm", attention=False)
     fresh.load_state_dict(state)
     assert fresh.metrics()["lr_scale"] == 0.5
     old = {k: v for k, v in state.items() if k != "lr_backoff"}       # saved before the back-off
@@ -199,7 +202,7 @@ def test_a_step_that_raises_leaves_the_lr_scaled_only_until_the_guard_next_runs(
     next touch point (training forward, next step's pre-hook, stats(), remove()) and the scale
     never compounds (the next step sees 0.025, not 0.0125)."""
     model = _model()
-    guard = spectral_guard.instrument(model, attention=False, msign_every=0)
+    guard = spectral_guard.instrument(model, lr_policy="alarm", attention=False, msign_every=0)
     _force_alarm(guard)                                               # s = 0.5
     opt = _RaisingAdamW(model.parameters(), lr=0.05)
     batches = _batches(4)
@@ -229,7 +232,7 @@ def test_a_step_that_raises_leaves_the_lr_scaled_only_until_the_guard_next_runs(
 
 def test_a_value_set_by_someone_else_after_a_raising_step_is_kept():
     model = _model()
-    guard = spectral_guard.instrument(model, attention=False, msign_every=0)
+    guard = spectral_guard.instrument(model, lr_policy="alarm", attention=False, msign_every=0)
     _force_alarm(guard)
     opt = _RaisingAdamW(model.parameters(), lr=0.05)
     _raise_once(guard, model, opt, _batches(1)[0])
@@ -240,7 +243,7 @@ def test_a_value_set_by_someone_else_after_a_raising_step_is_kept():
 
 def test_a_second_optimizer_on_guarded_weights_warns_once():
     model = _model()
-    guard = spectral_guard.instrument(model, attention=False, msign_every=0)
+    guard = spectral_guard.instrument(model, lr_policy="alarm", attention=False, msign_every=0)
     params = list(model.parameters())
     a = torch.optim.SGD(params[: len(params) // 2], lr=0.01)
     b = torch.optim.SGD(params[len(params) // 2:], lr=0.01)

@@ -60,10 +60,19 @@ class GuardConfig:
                       treated for collapse counts, which signed healthy 1200-step runs)
       msign_alarm     the alarm, second half: an attention pair's latest scale over this
                       factor times its target
-      lr_backoff      at each step where the alarm signs layers, the optimizer's step is
-                      scaled by this factor more (``1.0``: off; ``guard/backoff.py``: every
-                      param group's ``lr`` during ``optimizer.step()`` only; never rises again)
+    Learning-rate back-off (``guard/backoff.py``: every param group's ``lr`` scaled during
+      ``optimizer.step()`` only)
+      lr_policy       ``"graded"``: the scale follows the fraction ``f`` of penalized layers
+                      treated for collapse, ``max(lr_floor, lr_backoff ** (f / msign_quorum))``,
+                      down at once, doubling back at most once per ``lr_recovery`` check periods;
+                      ``"alarm"``: scaled by ``lr_backoff`` more at each step where the alarm
+                      signs layers, never rising again (the policy before issue 18)
+      lr_backoff      the scale at the quorum (``"graded"``) or per alarm (``"alarm"``);
+                      ``1.0``: the back-off is off
       lr_floor        the smallest scale the back-off reaches
+      lr_recovery     ``"graded"``: check periods of a layer per doubling back (``0``: never)
+      lr_grace        ``"graded"``: this many treated layers are not counted in ``f`` (a
+                      healthy run has one layer treated at times)
     Integration
       auto_loss       add the pending penalty to ``output.loss`` / ``output["loss"]``
       history         how many per-layer check records ``guard.history`` keeps (newest)
@@ -103,6 +112,9 @@ class GuardConfig:
     msign_fall: int = 60
     lr_backoff: float = 0.5
     lr_floor: float = 0.25
+    lr_policy: Literal["graded", "alarm"] = "graded"
+    lr_recovery: float = 25.0
+    lr_grace: int = 1
     lambda_base: float | None = None
     gain: float = 4.0
     decay: float = 0.5
@@ -140,6 +152,12 @@ class GuardConfig:
             raise ValueError(f"lr_backoff must be in (0, 1] (1: off), got {self.lr_backoff}")
         if not 0.0 < self.lr_floor <= 1.0:
             raise ValueError(f"lr_floor must be in (0, 1], got {self.lr_floor}")
+        if self.lr_policy not in ("graded", "alarm"):
+            raise ValueError(f"lr_policy must be 'graded' or 'alarm', got {self.lr_policy!r}")
+        if not self.lr_recovery >= 0:
+            raise ValueError(f"lr_recovery must be >= 0 (0: never rises), got {self.lr_recovery}")
+        if self.lr_grace < 0:
+            raise ValueError(f"lr_grace must be >= 0, got {self.lr_grace}")
         if self.msign_fall < 0:
             raise ValueError(f"msign_fall must be >= 0 (0: any fall), got {self.msign_fall}")
         if self.msign_every < 0:

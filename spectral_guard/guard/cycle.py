@@ -92,6 +92,25 @@ class LayerChecks:
             state.random_init = state.baseline is not None and looks_random_init(
                 m.readings.stable_rank, m.readings.effective_rank,
                 layer.probe.biopsy_shape(tuple(layer.weight.shape)))
+            self._judge_baseline(layer, m, step)
+
+    def _judge_baseline(self, layer: GuardedLayer, m: Measurement, step: int) -> None:
+        """A layer whose baseline reading is already collapsed by the absolute rule (retention
+        reads 1, so only ``collapse_rule`` can fire) is treated from the first step instead of
+        at its sample turn."""
+        st = layer.state
+        if st.baseline is None or not layer.penalized or not self.config.collapse_rule:
+            return
+        readings = relative(m.readings, st.baseline)
+        verdict = judge(readings, {}, layer.rule, layer.min_dim, True)   # the absolute rule
+        if not verdict.triggered["collapse"]:
+            return
+        st.readings = readings
+        st.lambdas = update_lambdas(st.lambdas, verdict, self.law)
+        st.interventions += 1
+        if self.config.actuator == "msign":
+            self.collapse_flagged.append(layer)
+        self.record(layer, step, True)
 
     def rebaseline(self, index: int, checks: AsyncChecks, step: int) -> None:
         """New weights were loaded into layer ``index``: forget what the guard knew of it."""

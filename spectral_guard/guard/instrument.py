@@ -35,22 +35,50 @@ Tensor = torch.Tensor
 STATE_VERSION = persist.STATE_VERSION
 
 
+class PenaltyCopy:
+    """The penalty's value on the host, carried by the step's packed copy (a
+    :class:`~.protocol.Component`): the last penalty built before the advance to step ``s``
+    (``last_penalty``, one micro-batch's) rides that step's shipment and is applied at the
+    advance to ``s + 1``; ``metrics()["penalty"]`` reads it, one step behind, with no host
+    read of a device tensor on the training thread."""
+
+    name = "penalty"
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def apply(self, result: Any | None, step: int) -> None:
+        if result is not None:
+            self.guard.penalty_host = (step, result)
+
+    def launch(self, step: int, packer: Any) -> Any:
+        last = self.guard.last_penalty
+        if last is None:
+            return None
+        slot = packer.put(last.reshape(1))
+        return lambda shipment: float(shipment.read(slot)[0])
+
+
 class Guard:
     """The handle returned by :func:`instrument`. See ``docs/guard.md`` for the contract.
 
     Args:
         alarm: the alarm policy ``alarm(guard) -> bool`` (default :func:`.signs.quorum_alarm`).
-        backoff: the learning-rate back-off (default ``LRBackoff(lr_backoff, lr_floor)``).
+        backoff: the learning-rate back-off (default from the ``lr_*`` settings).
     """
 
     def __init__(self, model: nn.Module, config: GuardConfig, alarm: Alarm | None = None,
                  backoff: LRBackoff | None = None) -> None:
         warn_if_blind(config)
         self.model, self.config, self.penalty_scale = model, config, 1.0
-        self.backoff = backoff or LRBackoff(config.lr_backoff, config.lr_floor)
+        self.backoff = backoff or LRBackoff(config.lr_backoff, config.lr_floor,
+                                            config.lr_policy, config.lr_recovery,
+                                            config.lr_grace)
         self.signs = MatrixSigns(config, alarm or quorum_alarm, self.backoff)
         self.attention: AttentionGuard | None = None
         self.last_penalty: Tensor | None = None
+        self.penalty_host: tuple[int, float] | None = None   # (step, value): PenaltyCopy
+        self._penalty_copy = PenaltyCopy(self)
         self._step = self._forwards = self._ns = 0
         self.follower = Follower(lambda: [layer.weight for layer in self.layers])
         self._removed, self._root_handles = False, []
@@ -73,8 +101,9 @@ class Guard:
     # -- the clock (hook entry points) --------------------------------------------------------
 
     def _components(self) -> list[Any]:
-        """The check cycle's order: layers, the matrix sign, attention."""
-        return [self.cycle, SignStep(self)] + ([self.attention] if self.attention else [])
+        """The check cycle's order: layers, the matrix sign, attention, the penalty's copy."""
+        return [self.cycle, SignStep(self)] + ([self.attention] if self.attention else []) \
+            + [self._penalty_copy]
 
     def step(self) -> None:
         """Advance the guard's clock by one optimizer step (automatic with ``step_on``)."""
@@ -170,7 +199,7 @@ class Guard:
         return report.stats(self)
 
     def metrics(self) -> dict[str, float]:
-        """Flat numbers for loggers (:func:`.stats.metrics`; reads the last penalty)."""
+        """Flat numbers for loggers (:func:`.stats.metrics`; host values only)."""
         return report.metrics(self)
 
     def report(self, console: Any = None) -> None:
@@ -238,7 +267,7 @@ def instrument(model: nn.Module, config: GuardConfig | str | Any = None, *,
         config: a :class:`GuardConfig`, a :class:`~spectral_guard.thresholds.Thresholds`, or
             the path of a thresholds file; ``None`` for the defaults.
         alarm: the alarm policy ``alarm(guard) -> bool`` (default :func:`.signs.quorum_alarm`).
-        backoff: the learning-rate back-off (default from ``lr_backoff``, ``lr_floor``).
+        backoff: the learning-rate back-off (default from the ``lr_*`` settings).
         **overrides: :class:`GuardConfig` fields to replace.
 
     Returns the :class:`Guard`; if instrumenting fails part-way, the model is left as it was.

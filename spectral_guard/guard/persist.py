@@ -1,5 +1,6 @@
 """The guard's state dict: clock, per-layer host state and device vectors, the check in
-flight, the attention component, the alarm's latch and the back-off.
+flight, the attention component, the alarm's latch and log state, the back-off and
+``guard.history`` (the newest ``config.history`` records).
 
 A resumed run applies the saved in-flight check at the same step as an uninterrupted one.
 """
@@ -27,7 +28,8 @@ def schedule_config(config: GuardConfig) -> dict[str, Any]:
             "msign_gate": config.msign_gate, "msign_alarm": config.msign_alarm,
             "msign_quorum": config.msign_quorum, "msign_fall": config.msign_fall,
             "lr_backoff": config.lr_backoff,
-            "lr_floor": config.lr_floor}
+            "lr_floor": config.lr_floor, "lr_policy": config.lr_policy,
+            "lr_recovery": config.lr_recovery, "lr_grace": config.lr_grace}
 
 
 def measurement_to_dict(m: Measurement, name: str) -> dict[str, Any]:
@@ -63,6 +65,8 @@ def save(guard: Any) -> dict[str, Any]:
         "inflight": inflight,
         "attention": None if guard.attention is None else guard.attention.state_dict(),
         "msign_alarm_seen": guard.signs.alarm_seen,
+        "signs": guard.signs.state_dict(),
+        "history": [dict(record) for record in guard.history],
         "lr_backoff": guard.backoff.state_dict(),
     }
 
@@ -82,6 +86,8 @@ def check_compatible(state: Any, by_name: dict[str, GuardedLayer],
     saved, now = dict(state.get("config", {})), schedule_config(config)
     # states saved before the matrix sign, its fall rule and the back-off: switched off
     off = GuardConfig(msign_every=0, lr_backoff=1.0, msign_fall=0)
+    if "lr_backoff" in saved:   # saved before the graded back-off: the alarm policy
+        saved.setdefault("lr_policy", "alarm")
     for key, value in schedule_config(off).items():
         if key.startswith(("msign_", "lr_")):
             saved.setdefault(key, value)
@@ -107,6 +113,10 @@ def load(guard: Any, state: dict[str, Any]) -> int:
                                                                 dtype=current.dtype))
     guard.signs.alarm_seen = bool(state.get("msign_alarm_seen", False))
     guard.backoff.load_state_dict(state.get("lr_backoff", {}))
+    guard.signs.load_state_dict(state.get("signs", {}))
+    if "history" in state:   # states saved before it was part of them keep the current one
+        guard.history.clear()
+        guard.history.extend(dict(record) for record in state["history"])
     guard.checks.inflight = None
     inflight = state.get("inflight")
     if inflight is not None:

@@ -8,12 +8,21 @@ over its target. Benchmarks pass their own variants instead of patching the guar
 At each step the sign runs on the layers the last check flagged for collapse (``actuator=
 "msign"``) and, at multiples of ``msign_every``, on the penalized layers of the schedule
 (``msign_gate="always"``) or, when the alarm was raised since the last such step, on those
-that looked randomly initialized; a sign by the alarm backs the learning rate off
-(:mod:`.backoff`).
+that looked randomly initialized. The learning-rate back-off (:mod:`.backoff`) is updated at
+every step after the sign: by the fraction of layers treated for collapse (``lr_policy=
+"graded"``) or by the alarm's sign (``"alarm"``).
+
+What the guard changes in a run is logged (logger ``"spectral_guard"``): a WARNING at the
+first intervention of the alarm or the back-off (which half raised the alarm, which layers,
+what was signed, the new lr scale, the settings that turn each off), then an INFO line at each
+later change of the lr scale (by ``2 ** 0.25`` or more, or back to 1) or of the set of layers
+an alarm signs.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +36,10 @@ from .msign import msign_
 
 Alarm = Callable[[Any], bool]
 """An alarm policy: ``alarm(guard) -> bool`` (host values only)."""
+
+log = logging.getLogger("spectral_guard")
+TURN_OFF = ("msign_every=0 turns the sign off, lr_backoff=1.0 the back-off "
+            "(instrument(model, ...) or GuardConfig)")
 
 
 def warn_if_blind(config: GuardConfig) -> None:
@@ -62,20 +75,52 @@ def quorum_alarm(guard: Any) -> bool:
     return penalized > 0 and len(collapsing) >= config.msign_quorum * penalized
 
 
+def alarm_reason(guard: Any, alarm: Alarm) -> str:
+    """Which half raised the alarm, in words (the pairs over the factor, or the layers of the
+    quorum); a custom alarm policy is named."""
+    config = guard.config
+    if alarm is not quorum_alarm:
+        return f"alarm policy {getattr(alarm, '__name__', repr(alarm))}"
+    if guard.attention is not None and guard.attention.alarm(config.msign_alarm):
+        over = [f"{p.name} ({st.scale / st.target:.2f}x its target)"
+                for p, st in zip(guard.attention.pairs, guard.attention.states, strict=True)
+                if st.scale > config.msign_alarm * st.target]
+        return (f"attention: logit scale over msign_alarm={config.msign_alarm:g}x its target "
+                f"in {', '.join(over)}")
+    collapsing, penalized = collapse_treated(guard.layers, config, sudden=True)
+    return (f"collapse quorum: {len(collapsing)} of {penalized} penalized layers collapsed "
+            f"suddenly (quorum {config.msign_quorum:g}): "
+            f"{', '.join(layer.name for layer in collapsing)}")
+
+
 class MatrixSigns:
-    """The sign's schedule and the latched alarm bit (part of the guard's state)."""
+    """The sign's schedule, the latched alarm bit (part of the guard's state), the back-off's
+    update and the log lines of both.
+
+    ``raised``: the alarm at the last step it was read; ``alarm_signs``: steps where the alarm
+    signed layers; ``reason``: why it was last raised (:func:`alarm_reason`)."""
 
     def __init__(self, config: GuardConfig, alarm: Alarm, backoff: LRBackoff) -> None:
         self.config = config
         self.alarm = alarm
         self.backoff = backoff
         self.alarm_seen = False
+        self.raised = False
+        self.alarm_signs = 0
+        self.reason = ""
+        self.announced = False            # the first intervention's WARNING was logged
+        self.logged_scale = backoff.scale
+        self.logged_signs: tuple[str, ...] = ()
 
     def run(self, guard: Any, step: int, flagged: list[GuardedLayer]) -> None:
-        """Sign the layers due at ``step`` (``flagged``: by the check just applied)."""
+        """Sign the layers due at ``step`` (``flagged``: by the check just applied), then
+        update the back-off."""
         every, gate = self.config.msign_every, self.config.msign_gate
         if every and gate == "alarm":
-            self.alarm_seen = self.alarm_seen or self.alarm(guard)   # latched between signs
+            self.raised = bool(self.alarm(guard))
+            if self.raised and not self.alarm_seen:
+                self.reason = alarm_reason(guard, self.alarm)
+            self.alarm_seen = self.alarm_seen or self.raised   # latched between signs
         due, alarmed = list(flagged), []
         if every and step % every == 0 and (gate == "always" or self.alarm_seen):
             chosen = [layer for layer in guard.layers
@@ -85,7 +130,7 @@ class MatrixSigns:
             else:
                 alarmed = chosen
             self.alarm_seen = False
-        by_alarm, signed_by_alarm = {id(layer) for layer in alarmed}, False
+        by_alarm, signed_by_alarm = {id(layer) for layer in alarmed}, []
         for layer in {id(layer): layer for layer in due + alarmed}.values():
             st = layer.state
             if st.nonfinite or sharded.is_sharded(layer.weight):
@@ -93,9 +138,54 @@ class MatrixSigns:
                 continue
             msign_(layer.weight)
             st.msigns += 1
-            signed_by_alarm |= id(layer) in by_alarm
+            if id(layer) in by_alarm:
+                signed_by_alarm.append(layer.name)
         if signed_by_alarm:
-            self.backoff.on_alarm()   # the alarm signed: the lr is too high (backoff.py)
+            self.alarm_signs += 1
+            self.backoff.on_alarm()   # "alarm" policy: the lr is too high (backoff.py)
+        treated, penalized = collapse_treated(guard.layers, self.config, sudden=False)
+        self.backoff.on_check(len(treated), penalized, self.config.msign_quorum, step,
+                              self.config.check_period)
+        self.announce(step, signed_by_alarm, treated, penalized)
+
+    def announce(self, step: int, signed: list[str], treated: list[GuardedLayer],
+                 penalized: int) -> None:
+        """The log lines of the module docstring (host values only)."""
+        scale, before = self.backoff.scale, self.logged_scale
+        moved = scale != before and (scale == 1.0 or abs(math.log2(scale / before)) >= 0.25)
+        new_signs = bool(signed) and tuple(signed) != self.logged_signs
+        if not (moved or new_signs):
+            return
+        parts = [f"step {step}"]
+        if signed:
+            parts.append(f"alarm ({self.reason}) signed {len(signed)} layers: "
+                         f"{', '.join(signed)}")
+        if moved:
+            why = "alarm" if self.backoff.policy == "alarm" else (
+                f"{len(treated)} of {penalized} penalized layers treated for collapse"
+                + (f" ({', '.join(layer.name for layer in treated)})" if treated else "")
+                + f", lr_grace={self.backoff.grace}")
+            parts.append(f"lr scale {before:.3g} -> {scale:.3g} ({self.backoff.policy} "
+                         f"back-off: {why})")
+        if signed:
+            self.logged_signs = tuple(signed)
+        if moved:
+            self.logged_scale = scale
+        if not self.announced:
+            self.announced = True
+            log.warning("spectral_guard intervened: %s; %s", "; ".join(parts), TURN_OFF)
+        else:
+            log.info("spectral_guard: %s", "; ".join(parts))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alarm_signs": self.alarm_signs, "raised": self.raised,
+                "announced": self.announced, "logged_scale": self.logged_scale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alarm_signs = int(state.get("alarm_signs", 0))
+        self.raised = bool(state.get("raised", False))
+        self.announced = bool(state.get("announced", False))
+        self.logged_scale = float(state.get("logged_scale", self.backoff.scale))
 
 
 class SignStep:

@@ -1,5 +1,6 @@
-"""What the guard reports: per-layer stats, totals, and flat metrics for loggers (host values;
-only ``metrics()["penalty"]`` reads the device, and it is not a training-step call)."""
+"""What the guard reports: per-layer stats, totals, and flat metrics for loggers (host values
+only: ``metrics()["penalty"]`` is the value the step's packed copy carried to the host, one
+step behind)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ def stats(guard: Any) -> dict[str, Any]:
         "msigns": sum(v["msigns"] for v in layers.values()),
         "lr_scale": guard.backoff.scale,
         "lr_backoffs": guard.backoff.backoffs,
+        "lr_policy": guard.backoff.policy,
+        "alarm_raised": guard.signs.raised,
+        "alarm_latched": guard.signs.alarm_seen,
+        "alarm_signs": guard.signs.alarm_signs,
+        "alarm_reason": guard.signs.reason,
         "treated_layers": sum(layer.state.treated for layer in guard.layers),
         "nonfinite_layers": sum(v["nonfinite"] for v in layers.values()),
         "failed_checks": sum(v["failed_checks"] for v in layers.values()),
@@ -52,23 +58,31 @@ def stats(guard: Any) -> dict[str, Any]:
 
 
 def metrics(guard: Any) -> dict[str, float]:
-    """``guard.metrics()`` (see its docstring)."""
+    """``guard.metrics()``: flat floats for loggers. ``alarm`` (1: raised at the last step it
+    was read), ``alarm_signs`` (steps where it signed layers), ``lr_scale`` (the back-off),
+    ``lr_backoffs``; ``penalty`` is the penalty built before the previous optimizer step
+    (``penalty_step``: that step; -1 and 0.0 before any), copied to the host with that step's
+    checks: one step behind, never a read of a device tensor."""
     t = stats(guard)["totals"]
     readings = [layer.state.readings for layer in guard.layers]
     retention = [r.effective_rank_retention for r in readings
                  if r.effective_rank_retention == r.effective_rank_retention]
     ratios = [r.stable_rank_ratio for r in readings
               if r.stable_rank_ratio == r.stable_rank_ratio]
-    last = guard.last_penalty
+    step, penalty = guard.penalty_host if guard.penalty_host is not None else (-1, 0.0)
     return {
         "interventions": float(t["interventions"]),
         "msigns": float(t["msigns"]),
         "lr_scale": float(t["lr_scale"]),
+        "lr_backoffs": float(t["lr_backoffs"]),
+        "alarm": float(t["alarm_raised"]),
+        "alarm_signs": float(t["alarm_signs"]),
         "treated_layers": float(t["treated_layers"]),
         "min_effective_rank_retention": min(retention) if retention else float("nan"),
         "mean_stable_rank_ratio": sum(ratios) / len(ratios) if ratios else float("nan"),
         "nonfinite_layers": float(t["nonfinite_layers"]),
-        "penalty": float(last) if last is not None else 0.0,
+        "penalty": penalty,
+        "penalty_step": float(step),
     } | (guard.attention.metrics() if guard.attention is not None else {})
 
 
