@@ -73,6 +73,8 @@ from spectral_guard.guard.signs import collapse_treated  # noqa: E402
 VARIANTS: dict[str, dict | None] = {
     "plain": None,
     "default": {},
+    "old": {"lr_policy": "alarm"},
+    "grace0": {"lr_grace": 0},
     "penalty": {"msign_every": 0},
     "rescale": {"attention_actuator": "rescale"},
     "alarm125": {"msign_alarm": 1.25},
@@ -126,7 +128,8 @@ def attention_probe(model: E.GPT, x: torch.Tensor) -> tuple[list[float], float, 
     return [float(e.mean()) for e in ents], min(float(e.min()) for e in ents), logit
 
 
-def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: int) -> dict:
+def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: int,
+        lr_window: tuple[int, int] | None = None) -> dict:
     torch.manual_seed(seed)
     cfg = E.ModelConfig(n_layers=4, d=128, heads=4, seq=128)
     model = E.GPT(cfg)
@@ -150,7 +153,8 @@ def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: 
     graded_scale = 1.0
     t0 = time.perf_counter()
     for step in range(steps):
-        base_lr = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        peak = lr if lr_window is None or lr_window[0] <= step < lr_window[1] else TUNED_LR
+        base_lr = peak * min(1.0, (step + 1) / warmup) if warmup else peak
         if variant == "graded" and attn is not None:
             over = max((st.scale / st.target for st in attn.states
                         if math.isfinite(st.scale)), default=0.0)
@@ -247,7 +251,8 @@ def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: 
     if guard is not None:
         guard.remove()
     return {"variant": variant, "lr": lr, "seed": seed, "steps": steps, "warmup": warmup,
-            "final": final, "wall": wall, "log": log}
+            "window": list(lr_window) if lr_window else None, "final": final, "wall": wall,
+            "log": log}
 
 
 def line(variant: str, lr: float, r: dict) -> str:
@@ -279,18 +284,20 @@ def summary(path: Path) -> None:
     alarm condition's first logged step (``guard.signs.alarm(guard)``, also computed with
     ``msign_every=0`` where nothing acts on it), signs and the learning-rate scale at the end."""
     runs = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
-    plain = {(r["lr"], r["seed"], r["steps"]): r["final"] for r in runs
-             if r["variant"] == "plain"}
+    def key_of(r: dict) -> tuple:
+        return r["lr"], r["seed"], r["steps"], tuple(r.get("window") or ())
+
+    plain = {key_of(r): r["final"] for r in runs if r["variant"] == "plain"}
     print("| variant | lr | seed | final val | rescued / vs plain | min entropy after warmup "
           "| max s/t after warmup | hinge: grad ratio, ds ce, ds pen | alarm condition at | signs "
           "| lr scale at end |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        key = (r["lr"], r["seed"], r["steps"])
-        tuned = plain.get((TUNED_LR, r["seed"], r["steps"]))
+        key = key_of(r)
+        tuned = plain.get((TUNED_LR, r["seed"], r["steps"], ()))
         rescued = ""
         if r["variant"] != "plain" and key in plain:
-            if r["lr"] == TUNED_LR:
+            if r["lr"] == TUNED_LR or r.get("window"):
                 rescued = f"{(r['final'] - plain[key]) / plain[key]:+.2%}"
             elif tuned is not None:
                 rescued = f"{(plain[key] - r['final']) / (plain[key] - tuned):+.0%}"
@@ -306,7 +313,8 @@ def summary(path: Path) -> None:
         last = r["log"][-1]
         alarms = [x["step"] for x in r["log"] if x.get("alarm")]
         lr_end = last.get("lr_scale", 1.0) * last.get("graded", 1.0)
-        print(f"| {r['variant']} | {r['lr']:g} | {r['seed']} | {r['final']:.3f} | {rescued} "
+        lr_txt = f"{r['lr']:g}" + (" in {}:{}".format(*r["window"]) if r.get("window") else "")
+        print(f"| {r['variant']} | {lr_txt} | {r['seed']} | {r['final']:.3f} | {rescued} "
               f"| {ent:.3f} | {over:.1f} | {hinge} | {alarms[0] if alarms else '-'} "
               f"| {last.get('msigns', 0):.0f} | {lr_end:.2f} |")
 
@@ -319,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--window", default=None, help="A:B: --lr only for steps A..B-1, the "
+                    "tuned LR outside (a transient)")
     ap.add_argument("--out", type=Path, default=None, help="append the run (JSON line)")
     ap.add_argument("--summary", type=Path, default=None, help="print the table of a --out file")
     args = ap.parse_args(argv)
@@ -326,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
         summary(args.summary)
         return
     torch.set_num_threads(1)
-    r = run(args.variant, args.lr, args.seed, args.steps, args.warmup, args.log_every)
+    window = tuple(int(v) for v in args.window.split(":")) if args.window else None
+    r = run(args.variant, args.lr, args.seed, args.steps, args.warmup, args.log_every, window)
     print(f"final val {r['final']:.4f} wall {r['wall']:.0f}s", flush=True)
     if args.out is not None:
         with args.out.open("a") as fh:
