@@ -159,3 +159,22 @@ def test_history_is_part_of_the_guard_state_and_old_states_load():
     with pytest.warns(UserWarning, match="lr_policy 'alarm' -> 'graded'"):
         fresh.load_state_dict(old)
     assert fresh.metrics()["lr_scale"] == 0.5 and list(fresh.history) == list(guard.history)
+
+
+# -- the config's validation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"gain": -1.0}, "gain must be >= 0"), ({"lambda_floor": 1.0}, "lambda_floor"),
+    ({"lambda_base": 0.0}, "lambda_base"), ({"fiedler_rows": 1}, "fiedler_rows"),
+    ({"seed": 0.5}, "seed must be an int"), ({"every": 1.5}, "every must be an int"),
+    ({"include": ["("]}, "include holds"), ({"exclude": [3]}, "exclude holds"),
+    ({"auto_loss": 1}, "auto_loss must be True or False"),
+    ({"lr_policy": "never"}, "lr_policy"), ({"lr_recovery": -1}, "lr_recovery"),
+    ({"lr_grace": -1}, "lr_grace")])
+def test_every_field_is_validated_with_a_one_line_error(kw, match):
+    from spectral_guard.guard.config import GuardConfig
+
+    with pytest.raises(ValueError, match=match) as err:
+        GuardConfig(**kw)
+    assert "\n" not in str(err.value)

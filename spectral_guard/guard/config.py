@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -73,6 +75,11 @@ class GuardConfig:
       lr_recovery     ``"graded"``: check periods of a layer per doubling back (``0``: never)
       lr_grace        ``"graded"``: this many treated layers are not counted in ``f`` (a
                       healthy run has one layer treated at times)
+    Selection (``guard/select.py``): an ``nn.Linear`` with a 2-D weight, both sides >= 2
+      include         ``None`` (every candidate) or regexes: a module path must match one
+      exclude         regexes: a module path matching one is skipped (``guard.skipped``)
+      watch_unguarded also instrument layers whose thresholds switch every sensor off (checked
+                      and reported, never penalized)
     Integration
       auto_loss       add the pending penalty to ``output.loss`` / ``output["loss"]``
       history         how many per-layer check records ``guard.history`` keeps (newest)
@@ -186,6 +193,37 @@ class GuardConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.include is not None:
             object.__setattr__(self, "include", tuple(self.include))
+        self._validate_rest()
+
+    def _validate_rest(self) -> None:
+        """The fields the checks above leave out: one-line errors."""
+        def number(name: str, ok: bool, want: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok:
+                raise ValueError(f"{name} must be {want}, got {value!r}")
+
+        def flag(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+        number("seed", isinstance(self.seed, numbers.Integral), "an int")
+        rows = self.fiedler_rows
+        number("fiedler_rows", isinstance(rows, numbers.Integral) and rows >= 2, "an int >= 2")
+        number("gain", self.gain >= 0, ">= 0")
+        number("lambda_floor", 0.0 <= self.lambda_floor < 1.0, "in [0, 1)")
+        if self.lambda_base is not None:
+            number("lambda_base", self.lambda_base > 0, "> 0 or None (the actuator's default)")
+        for name in ("every", "history", "biopsy_limit", "power_iters", "msign_every",
+                     "msign_fall", "lr_grace"):
+            number(name, isinstance(getattr(self, name), numbers.Integral), "an int")
+        for name in ("collapse_rule", "watch_unguarded", "auto_loss", "attention"):
+            flag(name)
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name) or ():
+                try:
+                    re.compile(pattern)
+                except (TypeError, re.error) as err:
+                    raise ValueError(f"{name} holds {pattern!r}, not a regex: {err}") from None
 
     @property
     def check_period(self) -> int:
