@@ -40,6 +40,13 @@ class Mode(StrEnum):
     exact = "exact"
 
 
+class AlphaEstimator(StrEnum):
+    """Which HT-SR estimator gives the alpha column."""
+
+    csn = "csn"
+    hill_median = "hill-median"
+
+
 STATUS_CHOICES = ("nonfinite", "dead_units", "collapsed", "ill_conditioned", "logit_risk",
                   "suspicious", "ok")
 """The statuses ``--fail-on`` accepts (``spectral_guard.verdict.STATUSES``, kept here so that
@@ -80,6 +87,11 @@ def audit_command(
     limit: int = typer.Option(128, "--limit", min=2, help="Biopsy size: LIMIT x 0.75 LIMIT for a "
                               "matrix with a side longer than LIMIT."),
     seed: int = typer.Option(0, "--seed", help="Seed of the biopsy sample."),
+    alpha: AlphaEstimator = typer.Option(AlphaEstimator.csn, "--alpha", help="HT-SR alpha "
+                                         "estimator: csn (power-law fit, xmin by minimum KS "
+                                         "distance: WeightWatcher's alpha) or hill-median (a "
+                                         "faster Hill estimator at the median eigenvalue: a "
+                                         "different number)."),
     include: list[str] = typer.Option([], "--include", help="Only tensors whose name matches "
                                       "this regex (repeatable)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Skip tensors whose name matches "
@@ -132,7 +144,8 @@ def audit_command(
         with progress_bar("audit", show_progress(quiet, no_progress)) as progress:
             return audit(paths, mode=mode.value, limit=limit, seed=seed, include=include,
                          exclude=exclude, thresholds=thresholds, fail_on=fail_on,
-                         progress=progress, heads=heads)
+                         progress=progress, heads=heads,
+                         alpha=alpha.value.replace("-", "_"))
 
     report = guarded(run, debug=debug,
                      input_errors=(CheckpointError, ThresholdsError, ValueError))

@@ -83,7 +83,7 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
           thresholds: Thresholds | str | Path | None = None,
           fail_on: Sequence[str] = DEFAULT_FAIL_ON,
           progress: Progress | None = None, dtensor: str = "full",
-          heads: int | None = None) -> Report:
+          heads: int | None = None, alpha: str = "csn") -> Report:
     """Audit every matrix of one or more checkpoints, or of a model or state_dict in memory.
 
     ``path``: a ``.safetensors`` file, a PyTorch checkpoint (``.pt``/``.bin``/``.pth``/
@@ -100,12 +100,15 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
     ``None`` reads ``config.json`` next to the checkpoint (a model uses its modules'
     attributes), and without a head count the pass is skipped with a note. The same
     ``config.json`` (or a model's ``config``) says whether 3-D tensors are experts
-    (:mod:`spectral_guard.audit.plan`). Raises
+    (:mod:`spectral_guard.audit.plan`). ``alpha``: the HT-SR estimator, ``"csn"`` (the
+    power-law fit with ``xmin`` by minimum KS distance, WeightWatcher's alpha) or
+    ``"hill_median"`` (a faster Hill estimator at the median eigenvalue: a different number,
+    :mod:`spectral_guard.sensors`). Raises
     :class:`~spectral_guard.checkpoint.CheckpointError` for unreadable input,
     :class:`~spectral_guard.thresholds.ThresholdsError` for a bad thresholds file and
     ``ValueError`` for bad options (all with one-line messages).
     """
-    check_options(mode, limit)
+    check_options(mode, limit, alpha)
     bad = sorted(set(fail_on) - set(STATUSES))
     if bad:
         raise ValueError(f"unknown status {bad[0]!r} in the fail policy (choose from "
@@ -126,7 +129,8 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
         plan = plan_checkpoint(ckpt, inc, exc, config_value(config[0], CONFIG_EXPERT_KEYS),
                                source_heads(path, config[0], heads))
         results = measure_plan(plan, mode=mode, limit=int(limit), seed=int(seed),
-                               progress=progress)
+                               progress=progress, alpha=alpha,
+                               row_sr_below=_largest_stable_rank_floor(th))
         model = path if isinstance(path, torch.nn.Module) else None
         logit_pairs, logit_notes, needs_heads = logit_pass(ckpt, results, heads, config, model)
     judge_results(results, th)
@@ -139,7 +143,14 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
         filtered_out=plan.filtered_out, bytes_read=plan.nbytes,
         elapsed_s=time.perf_counter() - t0, include=tuple(include), exclude=tuple(exclude),
         logit_pairs=logit_pairs, logit_notes=logit_notes, logit_needs_heads=needs_heads,
-        plan_notes=plan.notes)
+        plan_notes=plan.notes, alpha_estimator=alpha)
+
+
+def _largest_stable_rank_floor(th: Thresholds) -> float:
+    """The largest ``stable_rank_min`` any rule of ``th`` sets (0 when none does)."""
+    rules = [th.default, *(th.default.merged(g.overrides) for g in th.groups)]
+    floors = [r.stable_rank_min for r in rules if r.stable_rank_min is not None]
+    return max(floors, default=0.0)
 
 
 class _CallableModule(types.ModuleType):

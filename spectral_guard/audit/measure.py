@@ -47,6 +47,7 @@ from ..estimators import (
     spectral_metrics_batched,
 )
 from ..sensors import (
+    ALPHA_ESTIMATORS,
     SpectralMetrics,
     as_compute_tensor,
     duplicate_rows,
@@ -227,14 +228,15 @@ def _singular_values(M: torch.Tensor) -> torch.Tensor:
     return singular_values_at(M, torch.float64, "gram")
 
 
-def accelerator_metrics(M: torch.Tensor) -> list[SpectralMetrics]:
+def accelerator_metrics(M: torch.Tensor, alpha: str = "csn") -> list[SpectralMetrics]:
     """Exact metrics of a finite ``(m, n)`` matrix or ``(b, m, n)`` stack: the SVD runs where
     the tensor is (an accelerator) and only the singular values come to the CPU; the rest is
-    :func:`~spectral_guard.sensors.metrics_from_singular_values`, as on the CPU path."""
+    :func:`~spectral_guard.sensors.metrics_from_singular_values`, as on the CPU path.
+    ``alpha`` names the estimator (:data:`~spectral_guard.sensors.ALPHA_ESTIMATORS`)."""
     s = batched_singular_values(M).cpu()
     shape = (int(M.shape[-2]), int(M.shape[-1]))
     rtol = rank_rtol(shape, M.dtype)
-    return [metrics_from_singular_values(si, shape, rtol, alpha=True)
+    return [metrics_from_singular_values(si, shape, rtol, alpha=alpha)
             for si in s.reshape(-1, s.shape[-1])]
 
 
@@ -265,24 +267,24 @@ def _read_tensor(plan: TensorPlan, mode: str, limit: int, seed: int,
     return results, measured
 
 
-def _metrics(ms: list[torch.Tensor], mode: str) -> list[SpectralMetrics]:
+def _metrics(ms: list[torch.Tensor], mode: str, alpha: str) -> list[SpectralMetrics]:
     """Metrics of one finite matrix, or of a stack of same-shape matrices (batched)."""
     if ms[0].device.type != "cpu":  # exact, on an accelerator
-        return accelerator_metrics(torch.stack(ms))
+        return accelerator_metrics(torch.stack(ms), alpha)
     if len(ms) > 1:
-        return spectral_metrics_batched(torch.stack(ms), mode="exact", alpha=True)
+        return spectral_metrics_batched(torch.stack(ms), mode="exact", alpha=alpha)
     M = ms[0]
     if mode == "biopsy":
         rtol = rank_rtol(tuple(M.shape), M.dtype)
         return [metrics_from_singular_values(_singular_values(as_compute_tensor(M)),
-                                             tuple(M.shape), rtol, alpha=True)]
+                                             tuple(M.shape), rtol, alpha=alpha)]
     # same singular values; LAPACK was measured 4x slower on a wide 2048 x 5632 matrix than on
     # its transpose (3.4 s vs 0.8 s)
-    return [spectral_metrics(M.T if M.shape[0] < M.shape[1] else M, mode="exact", alpha=True)]
+    return [spectral_metrics(M.T if M.shape[0] < M.shape[1] else M, mode="exact", alpha=alpha)]
 
 
-def _decompose(results: list[MatrixResult], measured: list[_Measured], mode: str
-               ) -> list[MatrixResult]:
+def _decompose(results: list[MatrixResult], measured: list[_Measured], mode: str,
+               alpha: str, row_sr_below: float = math.inf) -> list[MatrixResult]:
     """Decompose one tensor's measured matrices (batched for a stack of experts; a fused
     projection's blocks one by one, as separate projections would be) and fill the results."""
     small = max(measured[0].matrix.shape) <= SMALL_SVD
@@ -291,16 +293,16 @@ def _decompose(results: list[MatrixResult], measured: list[_Measured], mode: str
         metrics: list[SpectralMetrics | None] = [None] * len(measured)
         alone = len(measured) == 1 or results[0].read_as in FUSED_READ_AS
         for idx in [[i] for i in finite] if alone else [finite] if finite else []:
-            for i, met in zip(idx, _metrics([measured[i].matrix for i in idx], mode),
+            for i, met in zip(idx, _metrics([measured[i].matrix for i in idx], mode, alpha),
                               strict=True):
                 metrics[i] = met
         for res, meas, met in zip(results, measured, metrics, strict=True):
-            _fill(res, meas.scan, met, meas.matrix, meas.biopsy)
+            _fill(res, meas.scan, met, meas.matrix, meas.biopsy, row_sr_below)
     return results
 
 
 def _fill(result: MatrixResult, scan: Scan, metrics: SpectralMetrics | None,
-          matrix: torch.Tensor, biopsy: torch.Tensor) -> None:
+          matrix: torch.Tensor, biopsy: torch.Tensor, row_sr_below: float = math.inf) -> None:
     result.nan, result.inf = scan.nan, scan.inf
     result.nonfinite = scan.nonfinite
     result.dead_rows, result.dead_cols = scan.dead_rows, scan.dead_cols
@@ -313,15 +315,22 @@ def _fill(result: MatrixResult, scan: Scan, metrics: SpectralMetrics | None,
         result.frobenius = metrics.frobenius
         result.effective_rank = metrics.effective_rank
         result.effective_rank_ratio = metrics.effective_rank_ratio
-        result.row_stable_rank = row_stable_rank(matrix)
+        # NB: the row-normalized stable rank only decides a verdict under a stable-rank floor
+        # (verdict.py); above ``row_sr_below`` it is not measured (one eigenvalue problem less)
+        if metrics.stable_rank < row_sr_below:
+            result.row_stable_rank = row_stable_rank(matrix)
         result.alpha = metrics.alpha if math.isfinite(metrics.alpha) else None
         result.duplicate_sample = int(biopsy.shape[0])
         result.duplicate_rows = duplicate_rows(biopsy, DUPLICATE_COS)
 
 
 def measure_plan(plan: CheckpointPlan, *, mode: str = "biopsy", limit: int = 128, seed: int = 0,
-                 progress: Progress | None = None) -> list[MatrixResult]:
-    """Measure every planned matrix, in plan order (statuses not judged yet: ``"ok"``)."""
+                 progress: Progress | None = None, alpha: str = "csn",
+                 row_sr_below: float = math.inf) -> list[MatrixResult]:
+    """Measure every planned matrix, in plan order (statuses not judged yet: ``"ok"``);
+    ``alpha`` names the HT-SR estimator (:data:`~spectral_guard.sensors.ALPHA_ESTIMATORS`);
+    ``row_stable_rank`` is measured for matrices whose stable rank is under ``row_sr_below``
+    (the largest stable-rank floor of the thresholds in use: where it can decide)."""
     total = plan.nbytes
     done = 0
     results: list[MatrixResult] = []
@@ -337,7 +346,8 @@ def measure_plan(plan: CheckpointPlan, *, mode: str = "biopsy", limit: int = 128
                 batch, todo = todo[:BIOPSY_BATCH], todo[BIOPSY_BATCH:]
                 reads = [_read_tensor(p, mode, limit, seed, handles) for p in batch]
                 with intra_op_threads(1):
-                    finished = list(pool.map(lambda r: _decompose(*r, mode), reads))
+                    finished = list(pool.map(
+                        lambda r: _decompose(*r, mode, alpha, row_sr_below), reads))
                 for p, res in zip(batch, finished, strict=True):
                     results.extend(res)
                     done += p.info.nbytes
@@ -345,7 +355,8 @@ def measure_plan(plan: CheckpointPlan, *, mode: str = "biopsy", limit: int = 128
                         progress(done, total, p.info.name)
     else:
         for p in plan.plans:
-            results.extend(_decompose(*_read_tensor(p, mode, limit, seed), mode))
+            results.extend(_decompose(*_read_tensor(p, mode, limit, seed), mode, alpha,
+                                      row_sr_below))
             done += p.info.nbytes
             if progress is not None:
                 progress(done, total, p.info.name)
@@ -365,10 +376,14 @@ def open_source(source: str | Path | Sequence[str | Path] | torch.nn.Module | Ma
     return open_checkpoint(source)
 
 
-def check_options(mode: str, limit: int) -> None:
-    """``ValueError`` (one neutral line) for an unknown mode or a limit below 2."""
+def check_options(mode: str, limit: int, alpha: str = "csn") -> None:
+    """``ValueError`` (one neutral line) for an unknown mode or alpha estimator, or a limit
+    below 2."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use 'biopsy' or 'exact'")
+    if alpha not in ALPHA_ESTIMATORS:
+        raise ValueError(f"unknown alpha estimator {alpha!r}: use one of "
+                         f"{', '.join(ALPHA_ESTIMATORS)}")
     if int(limit) < 2:
         raise ValueError(f"the biopsy limit must be at least 2, got {limit}")
 
@@ -377,7 +392,8 @@ def measure_matrices(source: str | Path | Sequence[str | Path] | torch.nn.Module
                      mode: str = "biopsy", limit: int = 128, seed: int = 0,
                      include: Sequence[str] = (), exclude: Sequence[str] = (),
                      n_experts: int | None = None, dtensor: str = "full",
-                     progress: Progress | None = None) -> list[MatrixResult]:
+                     progress: Progress | None = None, alpha: str = "csn"
+                     ) -> list[MatrixResult]:
     """The audit's measurements of every matrix of ``source``, without a verdict.
 
     ``source``: what :func:`~spectral_guard.audit.audit` takes (files, folders, indexes, an
@@ -388,10 +404,10 @@ def measure_matrices(source: str | Path | Sequence[str | Path] | torch.nn.Module
     ``seed``, same hygiene counts), so thresholds learned on these values judge the audit's
     values. ``n_experts``: the expert count, when the source has no ``config.json`` saying it.
     Statuses are left ``"ok"`` and ``group`` ``None``: judge with
-    :func:`~spectral_guard.audit.judge_results`. No attention-logit pass. Raises like
-    :func:`~spectral_guard.audit.audit`.
+    :func:`~spectral_guard.audit.judge_results`. No attention-logit pass. ``alpha``: as for
+    :func:`~spectral_guard.audit.audit`. Raises like :func:`~spectral_guard.audit.audit`.
     """
-    check_options(mode, limit)
+    check_options(mode, limit, alpha)
     inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     with torch.no_grad():
         ckpt = open_source(source, dtensor)
@@ -400,4 +416,4 @@ def measure_matrices(source: str | Path | Sequence[str | Path] | torch.nn.Module
             n_experts = config_value(config, CONFIG_EXPERT_KEYS)
         plan = plan_checkpoint(ckpt, inc, exc, n_experts, source_heads(source, config))
         return measure_plan(plan, mode=mode, limit=int(limit), seed=int(seed),
-                            progress=progress)
+                            progress=progress, alpha=alpha)

@@ -154,6 +154,8 @@ class Report:
     """Attention pairs were found but no head count: the logit pass did not run."""
     plan_notes: list[str] = field(default_factory=list)
     """How tensors were read, where a user should know (fused projections audited whole)."""
+    alpha_estimator: str = "csn"
+    """Which HT-SR estimator gave ``alpha`` (:data:`~spectral_guard.sensors.ALPHA_ESTIMATORS`)."""
 
     def status_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
@@ -227,6 +229,7 @@ class Report:
             "summary": {
                 "tool": f"spectral_guard {__version__}",
                 "mode": self.mode,
+                "alpha_estimator": self.alpha_estimator,
                 "limit": self.limit,
                 "seed": self.seed,
                 "include": list(self.include),
