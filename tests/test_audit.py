@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import reference
 import torch
 from audit_fixtures import gaussian_matrices, tiny_models, write_sharded
 from safetensors.torch import save_file
@@ -24,16 +25,9 @@ from spectral_guard.verdict import STATUSES
 OFF = Thresholds(Rule(), (), {})
 
 
-def np_metrics(W: torch.Tensor) -> dict[str, float]:
-    """Reference: float64 numpy SVD of the matrix as stored."""
-    s = np.linalg.svd(W.to(torch.float64).numpy(), compute_uv=False)
-    p = s / s.sum()
-    erank = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
-    k = min(W.shape)
-    return {"stable_rank": float((s**2).sum() / s[0] ** 2), "condition_number": s[0] / s[-1],
-            "sigma_max": s[0], "sigma_min": s[-1], "effective_rank": erank,
-            "stable_rank_ratio": float((s**2).sum() / s[0] ** 2) / k,
-            "effective_rank_ratio": erank / k}
+def sr_of(W) -> float:
+    """Stable rank by numpy's float64 SVD (tests/reference.py)."""
+    return reference.stable_rank(reference.singular_values(W))
 
 
 @pytest.fixture
@@ -61,7 +55,7 @@ def test_streamed_biopsy_matches_in_memory_biopsy_and_float64_reference(tmp_path
     rows = biopsy_indices((300, 1), 64, seed)[0]
     cols = biopsy_indices((250, 1), 48, seed + 1)[0]
     assert torch.equal(rows, audit_mod.audit_biopsy_indices((300, 250), 64, seed)[0])
-    ref = np_metrics(W[rows][:, cols])
+    ref = reference.metrics(W[rows][:, cols], alpha=False)
     for key, value in ref.items():
         assert getattr(m, key) == pytest.approx(value, rel=1e-4), key
     mem = spectral_metrics(W[rows][:, cols], mode="exact")
@@ -95,7 +89,7 @@ def test_exact_mode_matches_float64_reference(tmp_path, dtype, wide, small_chunk
     save_file({"w": W}, str(p))
     m = audit(p, mode="exact", thresholds=OFF).matrices[0]
     assert m.measured_shape == tuple(W.shape) and m.shape == tuple(W.shape)
-    for key, value in np_metrics(W).items():
+    for key, value in reference.metrics(W, alpha=False).items():
         assert getattr(m, key) == pytest.approx(value, rel=1e-4), key
 
 
@@ -157,10 +151,10 @@ def test_tensor_rules_stacks_conv_and_skips(tmp_path):
     for e in range(3):
         m = got[f"moe.experts.w[{e}]"]
         assert m.shape == (40, 24) and m.tensor == "moe.experts.w"
-        assert m.stable_rank == pytest.approx(np_metrics(experts[e])["stable_rank"], rel=1e-4)
+        assert m.stable_rank == pytest.approx(sr_of(experts[e]), rel=1e-4)
     assert got["conv.weight"].shape == (16, 36)
     assert got["conv.weight"].stable_rank == pytest.approx(
-        np_metrics(conv2d.reshape(16, -1))["stable_rank"], rel=1e-4)
+        sr_of(conv2d.reshape(16, -1)), rel=1e-4)
     assert got["conv1d.weight"].shape == (12, 24)
     assert [got[f"moe.experts.w[{e}]"].read_as for e in range(3)] == [
         "experts[0]", "experts[1]", "experts[2]"]
@@ -213,7 +207,7 @@ def test_experts_only_when_name_or_config_says_so(tmp_path):
     for e in range(4):
         m = moe[f"layers.0.mlp.w_stack[{e}]"]
         assert m.read_as == f"experts[{e}]" and m.shape == (24, 32)
-        assert m.stable_rank == pytest.approx(np_metrics(stack[e])["stable_rank"], rel=1e-4)
+        assert m.stable_rank == pytest.approx(sr_of(stack[e]), rel=1e-4)
     # another expert count does not match the leading dimension: still a conv
     (tmp_path / "config.json").write_text(json.dumps({"num_experts": 8}))
     assert list(by_name(audit(p, mode="exact", thresholds=OFF))) == ["layers.0.mlp.w_stack"]
@@ -251,7 +245,7 @@ def test_stacked_experts_biopsy_share_indices(tmp_path):
     assert len(got) == 2
     rows, cols = audit_mod.audit_biopsy_indices((100, 90), 32, name_seed(1, name))
     for e in range(2):
-        ref = np_metrics(experts[e][rows][:, cols])
+        ref = reference.metrics(experts[e][rows][:, cols], alpha=False)
         assert got[f"{name}[{e}]"].stable_rank == pytest.approx(ref["stable_rank"], rel=1e-4)
     assert got[f"{name}[0]"].status == "ok" and got[f"{name}[1]"].status == "collapsed"
 
@@ -293,7 +287,7 @@ def test_progress_and_many_tensors(tmp_path, mode):
         W = tensors[m.name]
         rows, cols = audit_mod.audit_biopsy_indices(tuple(W.shape), 16, name_seed(0, m.name))
         sub = W if mode == "exact" else W[rows][:, cols]
-        assert m.stable_rank == pytest.approx(np_metrics(sub)["stable_rank"], rel=1e-4)
+        assert m.stable_rank == pytest.approx(sr_of(sub), rel=1e-4)
 
 
 def test_bad_options(tmp_path):
