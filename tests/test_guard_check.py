@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import reference
 import torch
 
 from spectral_guard.estimators import singular_values_at
@@ -33,10 +34,10 @@ def _low_rank(m: int, n: int, rank: int, noise: float, seed: int = 0) -> torch.T
 
 
 def _numpy_readings(W: np.ndarray) -> tuple[float, float, float]:
-    s = np.linalg.svd(W.astype(np.float64), compute_uv=False)
-    p = s / s.sum()
-    erank = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
-    return erank, float((s**2).sum() / s[0] ** 2), float(s[0] / s[-1])
+    """``(erank, stable rank, kappa)`` by numpy's float64 SVD (tests/reference.py)."""
+    s = reference.singular_values(W)
+    return (reference.effective_rank(s), reference.stable_rank(s),
+            reference.condition_number(s))
 
 
 @pytest.mark.parametrize("method", ["gram", "svd", "auto"])
