@@ -75,6 +75,7 @@ VARIANTS: dict[str, dict | None] = {
     "default": {},
     "old": {"lr_policy": "alarm"},
     "grace0": {"lr_grace": 0},
+    "sudden": {"lr_count": "sudden"},
     "penalty": {"msign_every": 0},
     "rescale": {"attention_actuator": "rescale"},
     "alarm125": {"msign_alarm": 1.25},

@@ -106,6 +106,7 @@ def test_a_sudden_collapse_of_a_quorum_raises_the_alarm_a_slow_one_does_not():
     assert slow["msigns"] == 0                                       # no alarm, no sign
     assert slow["lr_scale"] < 1.0      # the graded back-off follows the treated fraction
     assert _collapse(over=300, lr_policy="alarm")["lr_scale"] == 1.0   # the alarm's: not
+    assert _collapse(over=300, lr_count="sudden")["lr_scale"] == 1.0   # nor sudden-only
     old_rule = _collapse(over=300, msign_fall=0)                     # any treated layer
     assert old_rule["msigns"] > 0
 

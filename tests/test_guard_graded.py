@@ -171,7 +171,7 @@ def test_history_is_part_of_the_guard_state_and_old_states_load():
     ({"include": ["("]}, "include holds"), ({"exclude": [3]}, "exclude holds"),
     ({"auto_loss": 1}, "auto_loss must be True or False"),
     ({"lr_policy": "never"}, "lr_policy"), ({"lr_recovery": -1}, "lr_recovery"),
-    ({"lr_grace": -1}, "lr_grace")])
+    ({"lr_grace": -1}, "lr_grace"), ({"lr_count": "all"}, "lr_count")])
 def test_every_field_is_validated_with_a_one_line_error(kw, match):
     from spectral_guard.guard.config import GuardConfig
 

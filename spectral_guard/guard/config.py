@@ -75,6 +75,9 @@ class GuardConfig:
       lr_recovery     ``"graded"``: check periods of a layer per doubling back (``0``: never)
       lr_grace        ``"graded"``: this many treated layers are not counted in ``f`` (a
                       healthy run has one layer treated at times)
+      lr_count        ``"graded"``: which layers ``f`` counts: ``"treated"`` (every layer
+                      treated for collapse) or ``"sudden"`` (only those fallen within
+                      ``msign_fall`` steps, the alarm's quorum rule)
     Selection (``guard/select.py``): an ``nn.Linear`` with a 2-D weight, both sides >= 2
       include         ``None`` (every candidate) or regexes: a module path must match one
       exclude         regexes: a module path matching one is skipped (``guard.skipped``)
@@ -122,6 +125,7 @@ class GuardConfig:
     lr_policy: Literal["graded", "alarm"] = "graded"
     lr_recovery: float = 25.0
     lr_grace: int = 1
+    lr_count: Literal["treated", "sudden"] = "treated"
     lambda_base: float | None = None
     gain: float = 4.0
     decay: float = 0.5
@@ -163,6 +167,8 @@ class GuardConfig:
             raise ValueError(f"lr_policy must be 'graded' or 'alarm', got {self.lr_policy!r}")
         if not self.lr_recovery >= 0:
             raise ValueError(f"lr_recovery must be >= 0 (0: never rises), got {self.lr_recovery}")
+        if self.lr_count not in ("treated", "sudden"):
+            raise ValueError(f"lr_count must be 'treated' or 'sudden', got {self.lr_count!r}")
         if self.lr_grace < 0:
             raise ValueError(f"lr_grace must be >= 0, got {self.lr_grace}")
         if self.msign_fall < 0:

@@ -29,7 +29,8 @@ def schedule_config(config: GuardConfig) -> dict[str, Any]:
             "msign_quorum": config.msign_quorum, "msign_fall": config.msign_fall,
             "lr_backoff": config.lr_backoff,
             "lr_floor": config.lr_floor, "lr_policy": config.lr_policy,
-            "lr_recovery": config.lr_recovery, "lr_grace": config.lr_grace}
+            "lr_recovery": config.lr_recovery, "lr_grace": config.lr_grace,
+            "lr_count": config.lr_count}
 
 
 def measurement_to_dict(m: Measurement, name: str) -> dict[str, Any]:

@@ -143,7 +143,8 @@ class MatrixSigns:
         if signed_by_alarm:
             self.alarm_signs += 1
             self.backoff.on_alarm()   # "alarm" policy: the lr is too high (backoff.py)
-        treated, penalized = collapse_treated(guard.layers, self.config, sudden=False)
+        treated, penalized = collapse_treated(guard.layers, self.config,
+                                              sudden=self.config.lr_count == "sudden")
         self.backoff.on_check(len(treated), penalized, self.config.msign_quorum, step,
                               self.config.check_period)
         self.announce(step, signed_by_alarm, treated, penalized)
@@ -163,6 +164,7 @@ class MatrixSigns:
         if moved:
             why = "alarm" if self.backoff.policy == "alarm" else (
                 f"{len(treated)} of {penalized} penalized layers treated for collapse"
+                + (" (fallen suddenly)" if self.config.lr_count == "sudden" else "")
                 + (f" ({', '.join(layer.name for layer in treated)})" if treated else "")
                 + f", lr_grace={self.backoff.grace}")
             parts.append(f"lr scale {before:.3g} -> {scale:.3g} ({self.backoff.policy} "
