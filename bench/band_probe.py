@@ -22,9 +22,11 @@ Every ``--log-every`` steps one line per run records what the guard sees and doe
   alarm (its attention half, its quorum half: layers treated for collapse and fallen suddenly,
   over the quorum), signs so far, ``lr_scale``.
 
-Variants (``--variant``): ``plain`` (no guard), ``default`` (``instrument(model)``),
-``penalty`` (``msign_every=0``: the attention hinge
-and rank penalties only, no alarm-driven sign or back-off), ``rescale``
+Variants (``--variant``): ``plain`` (no guard), ``default`` (``instrument(model)``: since
+issue 18 the graded back-off of guard/backoff.py), ``old`` (``lr_policy="alarm"``: the binary
+back-off before it), ``grace0`` (``lr_grace=0``), ``sudden`` (``lr_count="sudden"``: the graded
+back-off counting only layers fallen within ``msign_fall``), ``penalty`` (``msign_every=0``:
+the attention hinge and rank penalties only, no alarm-driven sign or back-off), ``rescale``
 (``attention_actuator="rescale"``), ``alarm125`` (``msign_alarm=1.25``), and three
 bench-side prototypes of a graded response instead of the binary alarm (not in the package;
 both with ``msign_every=0``, so no sign and no binary back-off): ``graded`` (the learning rate
@@ -37,6 +39,10 @@ lower, but rising back by at most 2x per 25 check periods of a layer: hysteresis
 
     python bench/band_probe.py --variant plain --lr 1.6e-2 --out /tmp/band.jsonl
     python bench/band_probe.py --summary /tmp/band.jsonl        # the table
+    python bench/band_probe.py --variant default --lr 1.6e-2 --window 100:150   # a transient
+
+The table below is the research before issue 18's implementation (``default`` was then the
+binary back-off, now ``old``); the package's graded back-off is measured in docs/efficacy.md.
 
 Measured (``--steps 300``, not the issue's 600: about 1 s per step on 2 CPU cores shared with
 other jobs, 1 thread; the guard at commit 1a8c741; final validation loss, 16 batches):
