@@ -24,8 +24,9 @@ Every ``--log-every`` steps one line per run records what the guard sees and doe
 
 Variants (``--variant``): ``plain`` (no guard), ``default`` (``instrument(model)``: since
 issue 18 the graded back-off of guard/backoff.py), ``old`` (``lr_policy="alarm"``: the binary
-back-off before it), ``grace0`` (``lr_grace=0``), ``sudden`` (``lr_count="sudden"``: the graded
-back-off counting only layers fallen within ``msign_fall``), ``penalty`` (``msign_every=0``:
+back-off before it), ``grace0``, ``grace1`` (``lr_grace=0``, ``1``), ``sudden``
+(``lr_count="sudden"``: the graded back-off counting only layers fallen within
+``msign_fall``), ``penalty`` (``msign_every=0``:
 the attention hinge and rank penalties only, no alarm-driven sign or back-off), ``rescale``
 (``attention_actuator="rescale"``), ``alarm125`` (``msign_alarm=1.25``), and three
 bench-side prototypes of a graded response instead of the binary alarm (not in the package;
@@ -81,6 +82,7 @@ VARIANTS: dict[str, dict | None] = {
     "default": {},
     "old": {"lr_policy": "alarm"},
     "grace0": {"lr_grace": 0},
+    "grace1": {"lr_grace": 1},
     "sudden": {"lr_count": "sudden"},
     "penalty": {"msign_every": 0},
     "rescale": {"attention_actuator": "rescale"},

@@ -73,8 +73,9 @@ class GuardConfig:
                       ``1.0``: the back-off is off
       lr_floor        the smallest scale the back-off reaches
       lr_recovery     ``"graded"``: check periods of a layer per doubling back (``0``: never)
-      lr_grace        ``"graded"``: this many treated layers are not counted in ``f`` (a
-                      healthy run has one layer treated at times)
+      lr_grace        ``"graded"``: this many treated layers are not counted in ``f`` (healthy
+                      300-step runs of bench/band_probe.py had up to 2 of 24 layers treated,
+                      4x the LR 3 to 13: docs/efficacy.md)
       lr_count        ``"graded"``: which layers ``f`` counts: ``"treated"`` (every layer
                       treated for collapse) or ``"sudden"`` (only those fallen within
                       ``msign_fall`` steps, the alarm's quorum rule)
@@ -124,7 +125,7 @@ class GuardConfig:
     lr_floor: float = 0.25
     lr_policy: Literal["graded", "alarm"] = "graded"
     lr_recovery: float = 25.0
-    lr_grace: int = 1
+    lr_grace: int = 2
     lr_count: Literal["treated", "sudden"] = "treated"
     lambda_base: float | None = None
     gain: float = 4.0
