@@ -120,7 +120,8 @@ def _train(arm: str, rank: int, world: int, guarded: bool = True, micro: int = 1
             rec["forward_sizes"].append(sizes[:])
             sizes.clear()
             rec["grads"].append({n: _local(p.grad) for n, p in model.named_parameters()})
-            rec["penalty"].append(guard.metrics()["penalty"] if guard else 0.0)
+            last = guard.last_penalty if guard else None   # this step's (metrics: one behind)
+            rec["penalty"].append(float(last) if last is not None else 0.0)
             opt.step()  # the guard's clock: apply the last check, launch this step's
             rec["check_sizes"].append(sizes[:])
             sizes.clear()
@@ -241,7 +242,8 @@ def _alarmed_sign(world: int) -> dict[str, float]:
     model = MLP()
     guard = spectral_guard.instrument(
         model, ratio=1.0, msign_every=1, attention=False, msign_fall=0,   # no fall needed
-        thresholds=Thresholds(Rule(effective_rank_retention_min=2.0)))
+        thresholds=Thresholds(Rule(effective_rank_retention_min=2.0)),
+        lr_policy="alarm")   # the back-off driven by the sign (the graded one reads host state)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

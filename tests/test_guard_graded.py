@@ -166,7 +166,7 @@ def test_history_is_part_of_the_guard_state_and_old_states_load():
 
 @pytest.mark.parametrize("kw, match", [
     ({"gain": -1.0}, "gain must be >= 0"), ({"lambda_floor": 1.0}, "lambda_floor"),
-    ({"lambda_base": 0.0}, "lambda_base"), ({"fiedler_rows": 1}, "fiedler_rows"),
+    ({"lambda_base": -1.0}, "lambda_base"), ({"fiedler_rows": 1}, "fiedler_rows"),
     ({"seed": 0.5}, "seed must be an int"), ({"every": 1.5}, "every must be an int"),
     ({"include": ["("]}, "include holds"), ({"exclude": [3]}, "exclude holds"),
     ({"auto_loss": 1}, "auto_loss must be True or False"),

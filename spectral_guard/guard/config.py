@@ -219,7 +219,7 @@ class GuardConfig:
         number("gain", self.gain >= 0, ">= 0")
         number("lambda_floor", 0.0 <= self.lambda_floor < 1.0, "in [0, 1)")
         if self.lambda_base is not None:
-            number("lambda_base", self.lambda_base > 0, "> 0 or None (the actuator's default)")
+            number("lambda_base", self.lambda_base >= 0, ">= 0 or None (the actuator's default)")
         for name in ("every", "history", "biopsy_limit", "power_iters", "msign_every",
                      "msign_fall", "lr_grace"):
             number(name, isinstance(getattr(self, name), numbers.Integral), "an int")
