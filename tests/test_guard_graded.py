@@ -178,3 +178,17 @@ def test_every_field_is_validated_with_a_one_line_error(kw, match):
     with pytest.raises(ValueError, match=match) as err:
         GuardConfig(**kw)
     assert "\n" not in str(err.value)
+
+
+def test_the_alarms_first_sign_is_a_warning_also_after_a_back_off(caplog):
+    model = _model()
+    guard = spectral_guard.instrument(model, attention=False, msign_every=0)
+    signs = guard.signs
+    with caplog.at_level(logging.INFO, logger="spectral_guard"):
+        guard.backoff.scale = 0.5
+        signs.announce(5, [], [], 6)                          # the back-off first: WARNING
+        signs.reason = "collapse quorum: ..."
+        signs.announce(9, ["blocks.0.fc"], [], 6)             # the alarm's first sign: WARNING
+        signs.announce(19, ["blocks.0.fc", "blocks.0.proj"], [], 6)   # a new set: INFO
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] * 2 + [logging.INFO]
+    assert "alarm (collapse quorum" in caplog.records[1].getMessage()

@@ -13,10 +13,10 @@ every step after the sign: by the fraction of layers treated for collapse (``lr_
 "graded"``) or by the alarm's sign (``"alarm"``).
 
 What the guard changes in a run is logged (logger ``"spectral_guard"``): a WARNING at the
-first intervention of the alarm or the back-off (which half raised the alarm, which layers,
-what was signed, the new lr scale, the settings that turn each off), then an INFO line at each
-later change of the lr scale (by ``2 ** 0.25`` or more, or back to 1) or of the set of layers
-an alarm signs.
+first intervention (the back-off or the alarm) and at the alarm's first sign (which half raised
+the alarm, which layers, what was signed, the new lr scale, the settings that turn each off),
+then an INFO line at each later change of the lr scale (by ``2 ** 0.25`` or more, or back to 1)
+or of the set of layers an alarm signs.
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ class MatrixSigns:
         self.alarm_signs = 0
         self.reason = ""
         self.announced = False            # the first intervention's WARNING was logged
+        self.alarm_announced = False      # ... and the first alarm sign's
         self.logged_scale = backoff.scale
         self.logged_signs: tuple[str, ...] = ()
 
@@ -173,7 +174,9 @@ class MatrixSigns:
             self.logged_signs = tuple(signed)
         if moved:
             self.logged_scale = scale
-        if not self.announced:
+        first_alarm = bool(signed) and not self.alarm_announced
+        self.alarm_announced |= bool(signed)
+        if not self.announced or first_alarm:
             self.announced = True
             log.warning("spectral_guard intervened: %s; %s", "; ".join(parts), TURN_OFF)
         else:
@@ -181,12 +184,14 @@ class MatrixSigns:
 
     def state_dict(self) -> dict[str, Any]:
         return {"alarm_signs": self.alarm_signs, "raised": self.raised,
-                "announced": self.announced, "logged_scale": self.logged_scale}
+                "announced": self.announced, "alarm_announced": self.alarm_announced,
+                "logged_scale": self.logged_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.alarm_signs = int(state.get("alarm_signs", 0))
         self.raised = bool(state.get("raised", False))
         self.announced = bool(state.get("announced", False))
+        self.alarm_announced = bool(state.get("alarm_announced", False))
         self.logged_scale = float(state.get("logged_scale", self.backoff.scale))
 
 
