@@ -82,9 +82,13 @@ def test_the_first_intervention_is_a_warning_that_says_what_and_how_to_turn_it_o
     assert totals["alarm_reason"].startswith("attention") and totals["lr_policy"] == "graded"
 
 
+def _quiet_guard():
+    """A guard whose log lines the tests drive by hand (no sign, no attention)."""
+    return spectral_guard.instrument(_model(), attention=False, msign_every=0)
+
+
 def test_later_changes_of_the_scale_are_info_lines(caplog):
-    model = _model()
-    guard = spectral_guard.instrument(model, attention=False, msign_every=0)
+    guard = _quiet_guard()
     signs = guard.signs
     with caplog.at_level(logging.INFO, logger="spectral_guard"):
         guard.backoff.scale = 0.25
@@ -181,8 +185,7 @@ def test_every_field_is_validated_with_a_one_line_error(kw, match):
 
 
 def test_the_alarms_first_sign_is_a_warning_also_after_a_back_off(caplog):
-    model = _model()
-    guard = spectral_guard.instrument(model, attention=False, msign_every=0)
+    guard = _quiet_guard()
     signs = guard.signs
     with caplog.at_level(logging.INFO, logger="spectral_guard"):
         guard.backoff.scale = 0.5
