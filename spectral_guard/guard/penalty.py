@@ -58,3 +58,27 @@ def build(layers: list[GuardedLayer], actuator: str, attention: Any,
     if total is not None and scale != 1.0:
         total = total * scale
     return total
+
+
+class PenaltyCopy:
+    """The penalty's value on the host, carried by the step's packed copy (a
+    :class:`~.protocol.Component`): the last penalty built before the advance to step ``s``
+    (``last_penalty``, one micro-batch's) rides that step's shipment and is applied at the
+    advance to ``s + 1``; ``metrics()["penalty"]`` reads it, one step behind, with no host
+    read of a device tensor on the training thread."""
+
+    name = "penalty"
+
+    def __init__(self, guard: Any) -> None:
+        self.guard = guard
+
+    def apply(self, result: Any | None, step: int) -> None:
+        if result is not None:
+            self.guard.penalty_host = (step, result)
+
+    def launch(self, step: int, packer: Any) -> Any:
+        last = self.guard.last_penalty
+        if last is None:
+            return None
+        slot = packer.put(last.reshape(1))
+        return lambda shipment: float(shipment.read(slot)[0])
