@@ -75,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import efficacy as E  # noqa: E402
 
 import spectral_guard  # noqa: E402
+from spectral_guard.guard import backoff  # noqa: E402
 from spectral_guard.guard.signs import collapse_treated  # noqa: E402
 
 VARIANTS: dict[str, dict | None] = {
@@ -171,10 +172,12 @@ def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: 
         if variant in ("graded_q", "graded_qm") and guard is not None:
             treated, penalized = collapse_treated(guard.layers, guard.config, sudden=False)
             frac = len(treated) / max(penalized, 1)
-            want = max(0.25, 0.5 ** (frac / guard.config.msign_quorum))
+            quorum = guard.config.msign_quorum
             if variant == "graded_qm":   # down at once, up by 2x per 25 check periods at most
-                want = min(want, graded_scale * 2 ** (1 / (25 * guard.config.check_period)))
-            graded_scale = want
+                graded_scale = backoff.graded_scale(frac, quorum, 0.25, graded_scale,
+                                                    periods=1 / guard.config.check_period)
+            else:
+                graded_scale = backoff.graded_target(frac, quorum, 0.25)
         for g in opt.param_groups:
             g["lr"] = base_lr * graded_scale
         starts = torch.randint(0, len(train) - cfg.seq - 1, (32,), generator=gen)
