@@ -206,19 +206,23 @@ def _no_fit(n: int) -> PowerLawFit:
 def _ks_distances(L: Tensor, alpha: Tensor, chunk_elements: int) -> Tensor:
     """``D_i = max_{j >= i} |1 - (x_j / x_i)^(1 - alpha_i) - (j - i) / n_i|`` for every
     candidate ``i < N - 1`` of the ascending log-eigenvalues ``L`` (``n_i = N - i``): the
-    one-sided KS distance of WeightWatcher's fit, ``1`` where ``alpha_i <= 1``.
+    one-sided KS distance of WeightWatcher's fit, ``1`` where ``alpha_i <= 1``. ``L`` is ``(N,)``
+    or a ``(B, N)`` stack of ESDs of one size (``alpha`` then ``(B, N - 1)``).
 
-    Exact and vectorized. Up to ``N = 256`` one ``(N - 1) x N`` block; above, blocks of about
-    ``N / 8`` rows along the diagonal (at most ``chunk_elements`` entries), each ``(c, N - i0)``
-    wide, so the work is about ``0.56 N^2`` exponentials. Entries ``j < i`` are neutralized
-    instead of masked: the exponent is clamped to ``[-40, 0]`` (``exp(-40) < eps / 2``, so
-    ``1 - exp(t)`` is unchanged where ``j >= i``, and ``j < i``, a positive exponent, gives
-    ``exp = 1``) and the empirical step ``(j - i) / n_i`` to ``>= 0``, which makes those
+    Exact and vectorized. Up to ``N = 256`` one ``(N - 1) x N`` block per ESD; above, blocks of
+    about ``N / 8`` rows along the diagonal (at most ``chunk_elements`` entries per ESD), each
+    ``(c, N - i0)`` wide, so the work is about ``0.56 N^2`` exponentials. Entries ``j < i`` are
+    neutralized instead of masked: the exponent is clamped to ``[-40, 0]`` (``exp(-40) < eps /
+    2``, so ``1 - exp(t)`` is unchanged where ``j >= i``, and ``j < i``, a positive exponent,
+    gives ``exp = 1``) and the empirical step ``(j - i) / n_i`` to ``>= 0``, which makes those
     entries exactly 0. ``alpha = inf`` (a tail with no spread) gives ``1^-inf = 1`` as numpy's
-    power does.
+    power does. Each ESD's distances are computed by the same elementwise operations whatever
+    the batch, so a stacked ESD gets the values it gets alone.
     """
-    N = L.numel()
-    D = torch.ones(N - 1, dtype=L.dtype)
+    batched = L.dim() == 2
+    L, alpha = (L, alpha) if batched else (L[None], alpha[None])
+    N = L.shape[-1]
+    D = torch.ones(L.shape[0], N - 1, dtype=L.dtype)
     rows = N - 1 if N <= 256 else max(1, min(chunk_elements // N, -(-N // 8)))
     slope = 1 - alpha.clamp_max(1e300)  # inf -> finite: 0 * (1 - alpha) is 0, not nan
     # j - i for a block's row r = i - i0 and column k = j - i0 is k - r whatever i0: exact
@@ -228,13 +232,13 @@ def _ks_distances(L: Tensor, alpha: Tensor, chunk_elements: int) -> Tensor:
     minus_one = torch.tensor(-1.0, dtype=L.dtype)
     for i0 in range(0, N - 1, rows):
         i1 = min(i0 + rows, N - 1)
-        s = slope[i0:i1, None]
+        s = slope[:, i0:i1, None]
         inv_n = 1.0 / (N - torch.arange(i0, i1, dtype=L.dtype))[:, None]
-        t = torch.addcmul(-s * L[i0:i1, None], s, L[None, i0:]).clamp_(-40.0, 0.0)
+        t = torch.addcmul(-s * L[:, i0:i1, None], s, L[:, None, i0:]).clamp_(-40.0, 0.0)
         step = torch.addcmul(minus_one, offsets[:i1 - i0, :N - i0], inv_n).clamp_min_(-1.0)
-        dist = torch.exp_(t).add_(step).abs_().amax(dim=1)  # |1 - F_fit - F_emp|, row max
-        D[i0:i1] = torch.where(alpha[i0:i1] > 1, dist, 1.0)
-    return D
+        dist = torch.exp_(t).add_(step).abs_().amax(dim=-1)  # |1 - F_fit - F_emp|, row max
+        D[:, i0:i1] = torch.where(alpha[:, i0:i1] > 1, dist, 1.0)
+    return D if batched else D[0]
 
 
 def _small_n_fit(x: list[float]) -> PowerLawFit:
@@ -301,14 +305,31 @@ def powerlaw_fit(eigs: Tensor, evals_thresh: float = 0.0,
         return _no_fit(N)
     if N < SMALL_N:
         return _small_n_fit(lam.tolist())
+    return powerlaw_fits(lam[None], chunk_elements)[0]
+
+
+def powerlaw_fits(lam: Tensor, chunk_elements: int = 1 << 21) -> list[PowerLawFit]:
+    """:func:`powerlaw_fit` of each row of a ``(B, N)`` stack of ESDs, vectorized over the stack.
+
+    Every row must be ascending, finite and positive (already filtered as :func:`powerlaw_fit`
+    filters), with ``N >= SMALL_N``. Each row's fit is computed by the same elementwise
+    operations as alone, so the results equal :func:`powerlaw_fit`'s row by row.
+    """
+    lam = lam.to(torch.float64)
+    B, N = lam.shape
+    if N < SMALL_N:
+        raise ValueError(f"powerlaw_fits needs at least {SMALL_N} eigenvalues per row, got {N}")
     L = torch.log(lam)
     n = N - torch.arange(N - 1, dtype=torch.float64)
-    Lc = L - L[-1]  # centred on the largest: exact zeros for a tail with no spread
-    suffix = torch.flip(torch.cumsum(torch.flip(Lc, (0,)), 0), (0,))  # sum_{j >= i} Lc_j
-    alpha = 1 + n / (suffix[:-1] - n * Lc[:-1])  # 1 + n / sum_{j >= i} log(x_j / x_i)
+    Lc = L - L[:, -1:]  # centred on the largest: exact zeros for a tail with no spread
+    suffix = torch.flip(torch.cumsum(torch.flip(Lc, (1,)), 1), (1,))  # sum_{j >= i} Lc_j
+    alpha = 1 + n / (suffix[:, :-1] - n * Lc[:, :-1])  # 1 + n / sum_{j >= i} log(x_j / x_i)
     D = _ks_distances(L, alpha, chunk_elements)
-    i = int(torch.argmin(D))
-    return PowerLawFit(float(alpha[i]), float(lam[i]), float(D[i]), N - i, N)
+    best = torch.argmin(D, dim=1)
+    picked = [v.tolist() for v in (alpha.gather(1, best[:, None])[:, 0], lam.gather(
+        1, best[:, None])[:, 0], D.gather(1, best[:, None])[:, 0])]
+    return [PowerLawFit(a, x, d, N - i, N)
+            for a, x, d, i in zip(*picked, best.tolist(), strict=True)]
 
 
 def powerlaw_alpha(eigs: Tensor, xmin: float | None = None) -> float:
@@ -536,6 +557,22 @@ def duplicate_rows(W: Tensor, cos_threshold: float = 0.999, chunk_rows: int = 10
     return int(dup.sum())
 
 
+def duplicate_rows_batched(stack: Tensor, cos_threshold: float = 0.999) -> list[int]:
+    """:func:`duplicate_rows` of each matrix of a ``(B, m, n)`` stack, in one batched product.
+
+    Zero rows take no part (a zero row is normalized to zero, whose cosine with every row is
+    0, below any positive threshold); the threshold must therefore be positive.
+    """
+    if not cos_threshold > 0:
+        raise ValueError(f"duplicate_rows_batched needs a positive threshold, got {cos_threshold}")
+    S = as_compute_tensor(stack, torch.float32)
+    norms = S.norm(dim=-1, keepdim=True)
+    rows = S / torch.where(norms > 0, norms, 1.0)
+    sim = rows @ rows.mT
+    sim.diagonal(dim1=-2, dim2=-1).fill_(-2.0)
+    return (sim >= cos_threshold).any(dim=-1).sum(dim=-1).tolist()
+
+
 def hygiene(W: Tensor, duplicate_threshold: float = 0.999) -> Hygiene:
     """NaN/Inf counts, all-zero rows (dead output units) and columns (dead inputs), and
     near-duplicate rows. Non-finite entries are ignored when judging zero rows/columns."""
@@ -580,24 +617,46 @@ def metrics_from_singular_values(s: Tensor, shape: tuple[int, int], rtol: float 
     fit WeightWatcher reports (:func:`powerlaw_fit`); ``"hill_median"`` the faster median-xmin
     Hill estimator (:func:`powerlaw_alpha`), a different number.
     """
+    return metrics_from_singular_values_batched(s.reshape(1, -1), shape, rtol, alpha)[0]
+
+
+def metrics_from_singular_values_batched(s: Tensor, shape: tuple[int, int], rtol: float = 0.0,
+                                         alpha: bool | str = False) -> list[SpectralMetrics]:
+    """:func:`metrics_from_singular_values` of each row of a ``(B, k)`` stack of descending
+    singular values of same-shape matrices: the sensors vectorized over the stack, and the
+    power-law fits of all rows with the same number of non-zero eigenvalues in one
+    :func:`powerlaw_fits` call."""
     s = s.detach().to(torch.float64)
     k = max(min(shape[-2], shape[-1]), 1)
-    sr = float(stable_rank_from_sv(s))
-    er = float(effective_rank_from_sv(s))
-    return SpectralMetrics(
-        shape=(int(shape[-2]), int(shape[-1])),
-        sigma_max=float(s[0]),
-        sigma_min=float(s[-1]),
-        frobenius=float(torch.sqrt((s**2).sum())),
-        stable_rank=sr,
-        stable_rank_ratio=sr / k,
-        condition_number=float(condition_number_from_sv(s, rtol)),
-        effective_rank=er,
-        effective_rank_ratio=er / k,
-        alpha=alpha_from_eigenvalues(nonzero_eigenvalues_from_sv(s, rtol),
-                                     "csn" if alpha is True else alpha)
-        if alpha else math.nan,
-    )
+    sr = stable_rank_from_sv(s).tolist()
+    er = effective_rank_from_sv(s).tolist()
+    kappa = condition_number_from_sv(s, rtol).tolist()
+    fro = torch.sqrt((s**2).sum(-1)).tolist()
+    top, bottom = s[:, 0].tolist(), s[:, -1].tolist()
+    alphas = _alphas(s, rtol, "csn" if alpha is True else alpha) if alpha else [math.nan] * len(sr)
+    return [SpectralMetrics(shape=(int(shape[-2]), int(shape[-1])), sigma_max=top[i],
+                            sigma_min=bottom[i], frobenius=fro[i], stable_rank=sr[i],
+                            stable_rank_ratio=sr[i] / k, condition_number=kappa[i],
+                            effective_rank=er[i], effective_rank_ratio=er[i] / k,
+                            alpha=alphas[i]) for i in range(len(sr))]
+
+
+def _alphas(s: Tensor, rtol: float, estimator: str) -> list[float]:
+    """Alpha of each row of descending singular values (:func:`alpha_from_eigenvalues` of its
+    non-zero eigenvalues); CSN fits of rows with equally many eigenvalues are batched."""
+    eigs = [nonzero_eigenvalues_from_sv(row, rtol) for row in s]
+    out = [math.nan] * len(eigs)
+    by_size: dict[int, list[int]] = {}
+    for i, e in enumerate(eigs):
+        if estimator == "csn" and e.numel() >= SMALL_N and bool(torch.isfinite(e).all()):
+            by_size.setdefault(e.numel(), []).append(i)
+        else:
+            out[i] = alpha_from_eigenvalues(e, estimator)
+    for idx in by_size.values():
+        lam = torch.sort(torch.stack([eigs[i] for i in idx]), dim=1).values  # as powerlaw_fit
+        for i, fit in zip(idx, powerlaw_fits(lam), strict=True):
+            out[i] = fit.alpha
+    return out
 
 
 def nonfinite_metrics(shape: tuple[int, int]) -> SpectralMetrics:

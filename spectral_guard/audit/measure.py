@@ -51,7 +51,9 @@ from ..sensors import (
     SpectralMetrics,
     as_compute_tensor,
     duplicate_rows,
+    duplicate_rows_batched,
     metrics_from_singular_values,
+    metrics_from_singular_values_batched,
     rank_rtol,
 )
 from .plan import (
@@ -297,12 +299,73 @@ def _decompose(results: list[MatrixResult], measured: list[_Measured], mode: str
                               strict=True):
                 metrics[i] = met
         for res, meas, met in zip(results, measured, metrics, strict=True):
-            _fill(res, meas.scan, met, meas.matrix, meas.biopsy, row_sr_below)
+            dups = None if met is None else duplicate_rows(meas.biopsy, DUPLICATE_COS)
+            _fill(res, meas.scan, met, meas.matrix, meas.biopsy, dups, row_sr_below)
     return results
 
 
+def _stackable(results: list[MatrixResult], measured: list[_Measured]) -> bool:
+    """Biopsy mode: are this tensor's matrices decomposed in stacks with other tensors' (one
+    matrix, or a fused projection's blocks; biopsy-size; 8/16/32-bit storage)? Exactly the
+    matrices :func:`_metrics` sends through the float64 Gram path one by one."""
+    alone = len(measured) == 1 or results[0].read_as in FUSED_READ_AS
+    return alone and all(max(m.matrix.shape) <= SMALL_SVD and m.matrix.dtype != torch.float64
+                         and m.matrix.device.type == "cpu" for m in measured)
+
+
+Pending = list[tuple[MatrixResult, _Measured]]
+"""Same-shape, same-dtype finite biopsies waiting for one stacked decomposition."""
+
+
+def _decompose_stack(pending: Pending, alpha: str, row_sr_below: float) -> None:
+    """Fill the results of same-shape finite biopsies from one stacked decomposition: the
+    float64 Gram eigenvalues, the sensors and the duplicate-row counts vectorized over the
+    stack (the values :func:`_decompose` gives one by one, up to the rounding of batched
+    products)."""
+    matrices = [as_compute_tensor(meas.matrix) for _, meas in pending]
+    stack = torch.stack(matrices)
+    shape = (int(stack.shape[-2]), int(stack.shape[-1]))
+    # NB: the thread count is per thread (a worker's BLAS would otherwise use every core);
+    # one Gram product and eigvalsh per matrix (as fast as batched here): a batched product
+    # rounds by the batch, and a matrix's values must not depend on its neighbours
+    with intra_op_threads(1):
+        s = torch.stack([_singular_values(M) for M in matrices])
+        rtol = rank_rtol(shape, pending[0][1].matrix.dtype)
+        metrics = metrics_from_singular_values_batched(s, shape, rtol, alpha=alpha)
+        dups = duplicate_rows_batched(stack, DUPLICATE_COS)
+    for (res, meas), met, dup in zip(pending, metrics, dups, strict=True):
+        _fill(res, meas.scan, met, meas.matrix, meas.biopsy, dup, row_sr_below)
+
+
+def _decompose_biopsies(reads: list[tuple[list[MatrixResult], list[_Measured]]], alpha: str,
+                        row_sr_below: float, pool: ThreadPoolExecutor) -> None:
+    """Fill every result of a batch of biopsy-mode reads, on ``pool``'s single-threaded
+    workers: the stackable biopsies (:func:`_stackable`, most of a model) grouped by shape and
+    dtype, each group split in one stack per worker; the rest tensor by tensor."""
+    groups: dict[tuple, Pending] = {}
+    alone: list[tuple[list[MatrixResult], list[_Measured]]] = []
+    for results, measured in reads:
+        if not _stackable(results, measured):
+            alone.append((results, measured))
+            continue
+        for res, meas in zip(results, measured, strict=True):
+            if meas.scan.nonfinite:
+                _fill(res, meas.scan, None, meas.matrix, meas.biopsy, None, row_sr_below)
+            else:
+                key = (tuple(meas.matrix.shape), meas.matrix.dtype)
+                groups.setdefault(key, []).append((res, meas))
+    stacks = [items[i::BIOPSY_WORKERS] for items in groups.values()
+              for i in range(min(BIOPSY_WORKERS, len(items)))]
+    # each task sets its own worker's thread count (intra_op_threads(1))
+    futures = [pool.submit(_decompose_stack, p, alpha, row_sr_below) for p in stacks]
+    futures += [pool.submit(_decompose, *r, "biopsy", alpha, row_sr_below) for r in alone]
+    for future in futures:
+        future.result()
+
+
 def _fill(result: MatrixResult, scan: Scan, metrics: SpectralMetrics | None,
-          matrix: torch.Tensor, biopsy: torch.Tensor, row_sr_below: float = math.inf) -> None:
+          matrix: torch.Tensor, biopsy: torch.Tensor, duplicates: int | None,
+          row_sr_below: float = math.inf) -> None:
     result.nan, result.inf = scan.nan, scan.inf
     result.nonfinite = scan.nonfinite
     result.dead_rows, result.dead_cols = scan.dead_rows, scan.dead_cols
@@ -321,7 +384,7 @@ def _fill(result: MatrixResult, scan: Scan, metrics: SpectralMetrics | None,
             result.row_stable_rank = row_stable_rank(matrix)
         result.alpha = metrics.alpha if math.isfinite(metrics.alpha) else None
         result.duplicate_sample = int(biopsy.shape[0])
-        result.duplicate_rows = duplicate_rows(biopsy, DUPLICATE_COS)
+        result.duplicate_rows = duplicates
 
 
 def measure_plan(plan: CheckpointPlan, *, mode: str = "biopsy", limit: int = 128, seed: int = 0,
@@ -338,17 +401,16 @@ def measure_plan(plan: CheckpointPlan, *, mode: str = "biopsy", limit: int = 128
         # the main thread reads and scans the tensors in order with torch's intra-op threads
         # (the scan is bound by page faults and memory: both cores work on one tensor's
         # pages); every BIOPSY_BATCH tensors, the collected biopsies are decomposed by
-        # BIOPSY_WORKERS single-threaded workers. Overlapping the two phases was slower:
+        # BIOPSY_WORKERS single-threaded workers, one stack of same-shape biopsies per worker
+        # (_decompose_biopsies). Overlapping the two phases was slower:
         # a decomposing thread competes with the scan's OpenMP team for the cores.
         todo = list(plan.plans)
         with ShardHandles() as handles, ThreadPoolExecutor(BIOPSY_WORKERS) as pool:
             while todo:
                 batch, todo = todo[:BIOPSY_BATCH], todo[BIOPSY_BATCH:]
                 reads = [_read_tensor(p, mode, limit, seed, handles) for p in batch]
-                with intra_op_threads(1):
-                    finished = list(pool.map(
-                        lambda r: _decompose(*r, mode, alpha, row_sr_below), reads))
-                for p, res in zip(batch, finished, strict=True):
+                _decompose_biopsies(reads, alpha, row_sr_below, pool)
+                for p, (res, _) in zip(batch, reads, strict=True):
                     results.extend(res)
                     done += p.info.nbytes
                     if progress is not None:
