@@ -48,3 +48,28 @@ def test_hill_median_is_an_explicit_option(heavy_tailed):
 def test_unknown_alpha_estimator_is_a_one_line_error(heavy_tailed):
     with pytest.raises(ValueError, match="unknown alpha estimator 'wls'"):
         audit(heavy_tailed[0], alpha="wls")
+
+
+def test_alpha_bounds_judge_only_their_own_estimator(heavy_tailed, tmp_path):
+    """A calibrated file's alpha bounds were learned with one estimator; an audit with the other
+    refuses them (one line), and a file that does not say which gets a note."""
+    from dataclasses import replace
+
+    from spectral_guard.calibration import calibrate
+    from spectral_guard.thresholds import load_thresholds
+
+    path, _ = heavy_tailed
+    th = calibrate(path, mode="exact").thresholds
+    assert th.provenance["alpha_estimator"] == "csn"
+    th = replace(th, default=replace(th.default, alpha_min=1.0, alpha_max=50.0))
+    saved = tmp_path / "th.json"
+    th.save(saved)
+    assert audit(path, mode="exact", thresholds=saved).exit_code == 0
+    with pytest.raises(ValueError, match=r"learned with the 'csn' alpha estimator.*--alpha csn"):
+        audit(path, mode="exact", thresholds=saved, alpha="hill_median")
+    unnamed = replace(load_thresholds(saved), provenance={})
+    rep = audit(path, mode="exact", thresholds=unnamed, alpha="hill_median")
+    assert any("without saying which alpha estimator" in n for n in rep.plan_notes)
+    # bounds outside the references' alpha: the judge uses them (the note is not a skip)
+    strict = replace(unnamed, groups=(), default=replace(unnamed.default, alpha_max=1.01))
+    assert audit(path, mode="exact", thresholds=strict).matrices[0].status == "suspicious"

@@ -122,6 +122,7 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
     if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int)
                               or heads < 1):
         raise ValueError(f"the head count must be a positive integer, got {heads!r}")
+    alpha_notes = _alpha_estimator_notes(th, alpha)
     t0 = time.perf_counter()
     with torch.no_grad():
         ckpt = open_source(path, dtensor)
@@ -143,7 +144,24 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
         filtered_out=plan.filtered_out, bytes_read=plan.nbytes,
         elapsed_s=time.perf_counter() - t0, include=tuple(include), exclude=tuple(exclude),
         logit_pairs=logit_pairs, logit_notes=logit_notes, logit_needs_heads=needs_heads,
-        plan_notes=plan.notes, alpha_estimator=alpha)
+        plan_notes=[*plan.notes, *alpha_notes], alpha_estimator=alpha)
+
+
+def _alpha_estimator_notes(th: Thresholds, alpha: str) -> list[str]:
+    """Alpha bounds judge only the alpha of the estimator they were learned with: ``ValueError``
+    when a calibrated file names another one than the audit's, a note when it names none."""
+    rules = [th.default, *(th.default.merged(g.overrides) for g in th.groups)]
+    if not any(r.alpha_min is not None or r.alpha_max is not None for r in rules):
+        return []
+    learned = th.provenance.get("alpha_estimator")
+    if learned is None:
+        return ["the thresholds set alpha bounds without saying which alpha estimator they "
+                f"were learned with; judged as {alpha!r} alpha"]
+    if learned != alpha:
+        flag = str(learned).replace("_", "-")
+        raise ValueError(f"the thresholds' alpha bounds were learned with the {learned!r} "
+                         f"alpha estimator: audit with alpha={learned!r} (--alpha {flag})")
+    return []
 
 
 def _largest_stable_rank_floor(th: Thresholds) -> float:

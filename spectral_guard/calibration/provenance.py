@@ -82,10 +82,12 @@ def utc_now() -> str:
 
 def provenance(*, mode: str, limit: int, seed: int, include: Sequence[str],
                exclude: Sequence[str], rule: CalibrationRule, references: list[dict[str, Any]],
-               run_length: int | None, logit_pairs: int, random: RandomCheck
-               ) -> dict[str, Any]:
+               run_length: int | None, logit_pairs: int, random: RandomCheck,
+               alpha_estimator: str = "csn") -> dict[str, Any]:
     """The ``provenance`` object of a calibrated file (``run_length``: number of successive
-    checkpoints of one run, ``None`` when not a run)."""
+    checkpoints of one run, ``None`` when not a run; ``alpha_estimator``: the estimator the
+    references' alpha was measured with, which an audit judging the file's alpha bounds must
+    use too)."""
     return {
         "source": "spectral-guard calibrate",
         "created": utc_now(),
@@ -99,5 +101,6 @@ def provenance(*, mode: str, limit: int, seed: int, include: Sequence[str],
                          "successive checkpoints of one run, which would derive them"),
         "hygiene_fields": "shipped rule of each role (" + ", ".join(HYGIENE_FIELDS) + ")",
         "q_k_logit_scale": logit_provenance(logit_pairs),
+        "alpha_estimator": alpha_estimator,
         "random_weights": random.to_json_dict(),
     }
