@@ -41,6 +41,7 @@ lower, but rising back by at most 2x per 25 check periods of a layer: hysteresis
     python bench/band_probe.py --variant plain --lr 1.6e-2 --out /tmp/band.jsonl
     python bench/band_probe.py --summary /tmp/band.jsonl        # the table
     python bench/band_probe.py --variant default --lr 1.6e-2 --window 100:150   # a transient
+    python bench/band_probe.py --variant default --lr 4e-3 --corrupt 150:155    # bad batches
 
 The table below is the research before issue 18's implementation (``default`` was then the
 binary back-off, now ``old``); the package's graded back-off is measured in docs/efficacy.md.
@@ -139,12 +140,14 @@ def attention_probe(model: E.GPT, x: torch.Tensor) -> tuple[list[float], float, 
 
 
 def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: int,
-        lr_window: tuple[int, int] | None = None) -> dict:
+        lr_window: tuple[int, int] | None = None,
+        corrupt: tuple[int, int] | None = None) -> dict:
     torch.manual_seed(seed)
     cfg = E.ModelConfig(n_layers=4, d=128, heads=4, seq=128)
     model = E.GPT(cfg)
     train, val = E.corpus_split()
     gen = torch.Generator().manual_seed(10_000 + seed)
+    noise = torch.Generator().manual_seed(20_000 + seed)  # corrupted batches (--corrupt)
     probe_x, _ = E.windows(val, torch.randint(0, len(val) - cfg.seq - 1, (8,),
                                               generator=torch.Generator().manual_seed(99)),
                            cfg.seq)
@@ -182,6 +185,11 @@ def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: 
             g["lr"] = base_lr * graded_scale
         starts = torch.randint(0, len(train) - cfg.seq - 1, (32,), generator=gen)
         x, y = E.windows(train, starts, cfg.seq)
+        if corrupt is not None and corrupt[0] <= step < corrupt[1]:
+            # a corrupted batch: uniformly random bytes in and out (the data stream is the
+            # same as without corruption: the clean batch was drawn and is dropped)
+            x = torch.randint(0, 256, x.shape, generator=noise)
+            y = torch.randint(0, 256, y.shape, generator=noise)
         logits = model(x)["logits"]
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         pen = guard.penalty() if guard is not None else torch.zeros(())
@@ -263,7 +271,8 @@ def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: 
     if guard is not None:
         guard.remove()
     return {"variant": variant, "lr": lr, "seed": seed, "steps": steps, "warmup": warmup,
-            "window": list(lr_window) if lr_window else None, "final": final, "wall": wall,
+            "window": list(lr_window) if lr_window else None,
+            "corrupt": list(corrupt) if corrupt else None, "final": final, "wall": wall,
             "log": log}
 
 
@@ -297,7 +306,8 @@ def summary(path: Path) -> None:
     ``msign_every=0`` where nothing acts on it), signs and the learning-rate scale at the end."""
     runs = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
     def key_of(r: dict) -> tuple:
-        return r["lr"], r["seed"], r["steps"], tuple(r.get("window") or ())
+        return (r["lr"], r["seed"], r["steps"], tuple(r.get("window") or ()),
+                tuple(r.get("corrupt") or ()))
 
     plain = {key_of(r): r["final"] for r in runs if r["variant"] == "plain"}
     print("| variant | lr | seed | final val | rescued / vs plain | min entropy after warmup "
@@ -306,10 +316,10 @@ def summary(path: Path) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         key = key_of(r)
-        tuned = plain.get((TUNED_LR, r["seed"], r["steps"], ()))
+        tuned = plain.get((TUNED_LR, r["seed"], r["steps"], (), ()))
         rescued = ""
         if r["variant"] != "plain" and key in plain:
-            if r["lr"] == TUNED_LR or r.get("window"):
+            if r["lr"] == TUNED_LR or r.get("window") or r.get("corrupt"):
                 rescued = f"{(r['final'] - plain[key]) / plain[key]:+.2%}"
             elif tuned is not None:
                 rescued = f"{(plain[key] - r['final']) / (plain[key] - tuned):+.0%}"
@@ -326,6 +336,7 @@ def summary(path: Path) -> None:
         alarms = [x["step"] for x in r["log"] if x.get("alarm")]
         lr_end = last.get("lr_scale", 1.0) * last.get("graded", 1.0)
         lr_txt = f"{r['lr']:g}" + (" in {}:{}".format(*r["window"]) if r.get("window") else "")
+        lr_txt += " corrupt {}:{}".format(*r["corrupt"]) if r.get("corrupt") else ""
         print(f"| {r['variant']} | {lr_txt} | {r['seed']} | {r['final']:.3f} | {rescued} "
               f"| {ent:.3f} | {over:.1f} | {hinge} | {alarms[0] if alarms else '-'} "
               f"| {last.get('msigns', 0):.0f} | {lr_end:.2f} |")
@@ -341,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--window", default=None, help="A:B: --lr only for steps A..B-1, the "
                     "tuned LR outside (a transient)")
+    ap.add_argument("--corrupt", default=None, help="A:B: the batches of steps A..B-1 are "
+                    "uniformly random bytes (inputs and targets)")
     ap.add_argument("--out", type=Path, default=None, help="append the run (JSON line)")
     ap.add_argument("--summary", type=Path, default=None, help="print the table of a --out file")
     args = ap.parse_args(argv)
@@ -349,7 +362,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(1)
     window = tuple(int(v) for v in args.window.split(":")) if args.window else None
-    r = run(args.variant, args.lr, args.seed, args.steps, args.warmup, args.log_every, window)
+    corrupt = tuple(int(v) for v in args.corrupt.split(":")) if args.corrupt else None
+    r = run(args.variant, args.lr, args.seed, args.steps, args.warmup, args.log_every, window,
+            corrupt)
     print(f"final val {r['final']:.4f} wall {r['wall']:.0f}s", flush=True)
     if args.out is not None:
         with args.out.open("a") as fh:
