@@ -5,6 +5,7 @@ warning, and the GuardConfig going straight to ``instrument``."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from spectral_guard.thresholds import default_thresholds
 TIER_MODELS = {"< 100M": (4096, 3), "100M-500M": (8192, 3), "500M-2B": (16384, 4),
                "> 2B": (32768, 3)}
 EXPECTED = {  # (ratio, every, biopsy_limit, lambda_base spectral, lambda_base l2)
-    "< 100M": (0.10, 1, 192, 0.05, 1e-4),
+    "< 100M": (0.05, 1, 192, 0.05, 1e-4),
     "100M-500M": (0.05, 2, 256, 0.025, 5e-5),
     "500M-2B": (0.02, 5, 256, 0.01, 2e-5),
     "> 2B": (0.01, 10, 256, 0.005, 1e-5),
@@ -44,6 +45,13 @@ def test_tier_boundaries():
     assert tier_for(2_000_000_000).name == "> 2B"
     assert [t.paper_biopsy_limit for t in TIERS] == [1024, 768, 512, 384]
     assert all(t.biopsy_limit <= 256 for t in TIERS)  # measured departure, docs/calibration.md
+    # the guard's defaults are the smallest tier's sampling (where every efficacy run measured)
+    small, default = TIERS[0], GuardConfig()
+    assert (small.ratio, small.every, small.biopsy_limit) == (
+        default.ratio, default.every, default.biopsy_limit)
+    # each tier checks a layer no more often than the one below (larger models, rarer checks)
+    periods = [replace(default, ratio=t.ratio, every=t.every).check_period for t in TIERS]
+    assert periods == sorted(periods) and periods[0] == 20
 
 
 @pytest.mark.parametrize("tier", list(TIER_MODELS))
@@ -149,7 +157,7 @@ def test_render_config_is_a_rich_table(tmp_path):
     console = Console(record=True, width=120)
     console.print(render_config(cfg))
     text = console.export_text()
-    for expected in ("GuardConfig", "ratio", "0.1", "biopsy_limit", "192", "lambda_base",
+    for expected in ("GuardConfig", "ratio", "0.05", "biopsy_limit", "192", "lambda_base",
                      "tier < 100M", "50,343,936 parameters", f"given ({path})"):
         assert expected in text, expected
     console = Console(record=True, width=120)
