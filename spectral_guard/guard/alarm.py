@@ -3,76 +3,60 @@
 The alarm gates the matrix sign (:mod:`.msign`) and the learning-rate back-off
 (:mod:`.backoff`). It is raised at a step when either
 
-* **a quorum of layers collapsed suddenly**: at least ``msign_quorum`` of the penalized layers
-  are treated for collapse, and each of them, at some check of that treatment, had lost at
-  least :data:`FALL_DEPTH` of effective-rank retention within the last ``msign_fall``
-  optimizer steps (its *fall*: the steps since its latest reading at least ``FALL_DEPTH``
-  above that check's; the baseline reads 1); or
+* **a quorum of layers collapsed deep**: at least ``msign_quorum`` of the penalized layers are
+  treated for collapse, and each of them reads, at its latest check, a relative collapse
+  reading (effective-rank or stable-rank retention, ``x / x_0``) at or below
+  ``(1 - msign_depth)`` times that sensor's floor ``t``, i.e. its *depth*, the thermostat's
+  severity ``1 - x / t`` (:func:`.thermostat.floor_severity`), is at least ``msign_depth``; or
 * an attention pair's latest scale is over ``msign_alarm`` times its target.
 
-Why the fall: healthy training lowers the effective rank of some layers too (the query and key
-projections first), slowly. In ``bench/efficacy.py``'s models at the recipe's learning rate
-the layers that reached the collapse trigger took 120 to 290 steps from retention 0.8, and on a
-4-layer model four of 24 got there within 50 steps of each other, which a plain quorum of
-treated layers took for the alarm (one seed of two signed a healthy run at step 220 and ended
-6% worse; over 1200 steps the 3-layer model's healthy runs were signed on both seeds, +5.5%).
-At 4x and 16x that learning rate and under the LR shock they fell in 7 to 36 steps
-(``bench/alarm_timeline.py``; docs/efficacy.md). ``msign_fall=0`` counts every layer treated
-for collapse, however slowly it fell (the rule before the fall existed).
+The law counts no time: neither optimizer steps, nor check periods, nor the learning rate, so
+it reads the same at any run length, check period or schedule; a layer checked every 1000
+steps is judged on its latest reading like one checked every step (only later). Healthy
+training lowers the effective rank of some layers too (the query and key projections first),
+and over a long run a few of them drift just under the floor; a learning rate too high drives
+many of them far below it. ``msign_depth=0`` counts every layer treated for collapse (the rule
+before the alarm had a second condition).
 
-The fall is tracked per layer on the host from the readings the checks deliver: no device
-work, and a layer keeps only the readings of the last ``msign_fall`` steps.
+What was tried instead, and why it does not scale (the fall's duration in steps, per unit of
+the layer's relative movement ``||W_s - W_a|| / ||W_a||`` or of the learning rate applied;
+measured with ``bench/alarm_scale.py``): docs/efficacy.md, "Issue 18, item 2".
+
+Host values only: the latest readings the checks delivered, no device work, no state.
 """
 
 from __future__ import annotations
 
 import math
 
-FALL_DEPTH = 0.3
-"""Effective-rank retention a sudden collapse loses within ``msign_fall`` steps."""
-
-Reading = tuple[int, float]
-"""``(step, effective-rank retention)`` of one check."""
+from .check import Readings
+from .sensors import RELATIVE
+from .thermostat import floor_severity
 
 
-def remember(recent: list[Reading], step: int, retention: float,
-             horizon: int) -> list[Reading]:
-    """``recent`` with this reading added (when finite) and those older than ``horizon``
-    steps dropped (pure)."""
-    kept = [(s, r) for s, r in recent if s >= step - horizon]
-    if horizon > 0 and math.isfinite(retention):
-        kept.append((step, retention))
-    return kept
-
-
-def fall_steps(recent: list[Reading], step: int, retention: float) -> int:
-    """Steps since the latest remembered reading at least :data:`FALL_DEPTH` above
-    ``retention``; ``-1`` when there is none (a slower fall, or no finite reading).
+def collapse_depth(readings: Readings, sensors: dict[str, float]) -> float:
+    """The largest severity ``1 - x / t`` among the layer's relative collapse floors
+    (``sensors``: ``{name: threshold t}``, as :class:`~.install.GuardedLayer` holds them):
+    ``0`` when every reading is at or above its floor, or not finite (pure).
 
     Example:
-        >>> fall_steps([(0, 1.0), (20, 0.9), (40, 0.7)], 50, 0.45)   # 0.9 - 0.45 >= 0.3
-        30
-        >>> fall_steps([(40, 0.7)], 50, 0.45)
-        -1
+        >>> collapse_depth(Readings(effective_rank_retention=0.4), {"effective_rank": 0.5})
+        0.19999999999999996
+        >>> collapse_depth(Readings(effective_rank_retention=0.6), {"effective_rank": 0.5})
+        0.0
     """
-    if not math.isfinite(retention):
-        return -1
-    above = [s for s, r in recent if r >= retention + FALL_DEPTH]
-    return step - max(above) if above else -1
+    depth = 0.0
+    for name, threshold in sensors.items():
+        sensor = RELATIVE.get(name)
+        if sensor is None or sensor.kind != "collapse" or sensor.bound != "floor":
+            continue
+        x = getattr(readings, sensor.reading)
+        if math.isfinite(x):
+            depth = max(depth, floor_severity(x, threshold))
+    return depth
 
 
-def update_fall(recent: list[Reading], fall: int, step: int, retention: float,
-                collapsing: bool, horizon: int) -> tuple[list[Reading], int]:
-    """One check's update of a layer's ``(recent readings, fall)`` (pure): the fall is looked
-    for at each check of a treatment for collapse until found, and forgotten when the treatment
-    ends (``-1``)."""
-    if not collapsing:
-        fall = -1
-    elif fall < 0:
-        fall = fall_steps(recent, step, retention)
-    return remember(recent, step, retention, horizon), fall
-
-
-def fell_suddenly(fall: int, limit: int) -> bool:
-    """Does a fall of ``fall`` steps count toward the quorum (``limit == 0``: any layer)?"""
-    return limit == 0 or 0 <= fall <= limit
+def collapsed_deep(depth: float, limit: float) -> bool:
+    """Does a layer at ``depth`` (:func:`collapse_depth`) count toward the quorum?
+    ``limit == 0``: any layer treated for collapse does (pure)."""
+    return limit == 0 or depth >= limit

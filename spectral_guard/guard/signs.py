@@ -2,8 +2,8 @@
 
 The alarm is a policy: a callable ``alarm(guard) -> bool`` on host values only, given to
 ``instrument(model, alarm=...)``. The default, :func:`quorum_alarm`, is the rule of
-:mod:`.alarm`: a quorum of penalized layers that collapsed suddenly, or an attention pair far
-over its target. Benchmarks pass their own variants instead of patching the guard.
+:mod:`.alarm`: a quorum of penalized layers that collapsed deep, or an attention pair far over
+its target. Benchmarks pass their own variants instead of patching the guard.
 
 At each step the sign runs on the layers the last check flagged for collapse (``actuator=
 "msign"``) and, at multiples of ``msign_every``, on the penalized layers of the schedule
@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 from . import sharded
-from .alarm import fell_suddenly
+from .alarm import collapse_depth, collapsed_deep
 from .backoff import LRBackoff
 from .config import GuardConfig
 from .install import GuardedLayer
@@ -42,31 +41,23 @@ TURN_OFF = ("msign_every=0 turns the sign off, lr_backoff=1.0 the back-off "
             "(instrument(model, ...) or GuardConfig)")
 
 
-def warn_if_blind(config: GuardConfig) -> None:
-    """Warn when a layer is checked less often than ``msign_fall`` steps (the alarm's quorum
-    half could never fire)."""
-    if not config.sees_falls:
-        warnings.warn(f"a layer is checked every {config.check_period} steps (every="
-                      f"{config.every}, ratio={config.ratio}), more than msign_fall="
-                      f"{config.msign_fall}: the alarm cannot see a sudden collapse, so "
-                      "only its attention half can raise it; raise ratio or msign_fall "
-                      "(guard/alarm.py)", stacklevel=4)
-
-
 def collapse_treated(layers: list[GuardedLayer], config: GuardConfig,
                      sudden: bool) -> tuple[list[GuardedLayer], int]:
-    """The penalized layers treated for collapse (only those fallen within ``msign_fall``
-    steps with ``sudden``), and how many layers are penalized."""
+    """The penalized layers treated for collapse (with ``sudden``, only those collapsed at
+    least ``msign_depth`` deep: the alarm's rule, :mod:`.alarm`), and how many layers are
+    penalized."""
     penalized = [layer for layer in layers if layer.sensors]
     treated = [layer for layer in penalized
                if layer.state.treated and layer.state.lambdas["collapse"] > 0
-               and (not sudden or fell_suddenly(layer.state.collapse_fall, config.msign_fall))]
+               and (not sudden or collapsed_deep(collapse_depth(layer.state.readings,
+                                                                layer.sensors),
+                                                 config.msign_depth))]
     return treated, len(penalized)
 
 
 def quorum_alarm(guard: Any) -> bool:
     """The default alarm (``guard/alarm.py``): at least ``msign_quorum`` of the penalized
-    layers treated for collapse at once, each fallen within ``msign_fall`` steps, or an
+    layers treated for collapse at once, each at least ``msign_depth`` below its floor, or an
     attention pair's latest scale over ``msign_alarm`` times its target."""
     config = guard.config
     if guard.attention is not None and guard.attention.alarm(config.msign_alarm):
@@ -89,7 +80,7 @@ def alarm_reason(guard: Any, alarm: Alarm) -> str:
                 f"in {', '.join(over)}")
     collapsing, penalized = collapse_treated(guard.layers, config, sudden=True)
     return (f"collapse quorum: {len(collapsing)} of {penalized} penalized layers collapsed "
-            f"suddenly (quorum {config.msign_quorum:g}): "
+            f"deep (msign_depth={config.msign_depth:g}, quorum {config.msign_quorum:g}): "
             f"{', '.join(layer.name for layer in collapsing)}")
 
 
@@ -165,7 +156,7 @@ class MatrixSigns:
         if moved:
             why = "alarm" if self.backoff.policy == "alarm" else (
                 f"{len(treated)} of {penalized} penalized layers treated for collapse"
-                + (" (fallen suddenly)" if self.config.lr_count == "sudden" else "")
+                + (" (collapsed deep)" if self.config.lr_count == "sudden" else "")
                 + (f" ({', '.join(layer.name for layer in treated)})" if treated else "")
                 + f", lr_grace={self.backoff.grace}")
             parts.append(f"lr scale {before:.3g} -> {scale:.3g} ({self.backoff.policy} "

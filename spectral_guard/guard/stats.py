@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .alarm import collapse_depth
+
 
 def layer_stats(layer: Any) -> dict[str, Any]:
     st = layer.state
@@ -22,7 +24,7 @@ def layer_stats(layer: Any) -> dict[str, Any]:
         "msigns": st.msigns,
         "msigns_skipped": st.msigns_skipped,
         "last_checked_step": st.last_checked_step,
-        "collapse_fall": st.collapse_fall,
+        "collapse_depth": collapse_depth(st.readings, layer.sensors),
         "nonfinite": st.nonfinite,
         "nonfinite_entries": st.nonfinite_entries,
         "failed_checks": st.failed_checks,
