@@ -26,7 +26,8 @@ Variants (``--variant``): ``plain`` (no guard), ``default`` (``instrument(model)
 issue 18 the graded back-off of guard/backoff.py), ``old`` (``lr_policy="alarm"``: the binary
 back-off before it), ``grace0``, ``grace1`` (``lr_grace=0``, ``1``), ``sudden``
 (``lr_count="sudden"``: the graded back-off counting only layers fallen within
-``msign_fall``), ``penalty`` (``msign_every=0``:
+``msign_fall``), ``recovery5`` (``lr_recovery=5``: the back-off doubles back 5x faster),
+``penalty`` (``msign_every=0``:
 the attention hinge and rank penalties only, no alarm-driven sign or back-off), ``rescale``
 (``attention_actuator="rescale"``), ``alarm125`` (``msign_alarm=1.25``), and three
 bench-side prototypes of a graded response instead of the binary alarm (not in the package;
@@ -86,6 +87,7 @@ VARIANTS: dict[str, dict | None] = {
     "grace0": {"lr_grace": 0},
     "grace1": {"lr_grace": 1},
     "sudden": {"lr_count": "sudden"},
+    "recovery5": {"lr_recovery": 5.0},
     "penalty": {"msign_every": 0},
     "rescale": {"attention_actuator": "rescale"},
     "alarm125": {"msign_alarm": 1.25},
