@@ -1,6 +1,6 @@
-"""The alarm's depth rule (guard/alarm.py): a quorum of layers collapsed far below their floor
-raises the alarm, however long the fall took and however rarely a layer is checked; layers that
-drift just under the floor, as healthy training's do, do not."""
+"""The alarm's quorum (guard/alarm.py): layers that collapse suddenly (the fall) or far below
+their floor (the depth) count; the same layers drifting slowly just under the floor, as healthy
+training's do, do not. The depth count works at any check period."""
 
 from __future__ import annotations
 
@@ -12,33 +12,45 @@ import torch
 from guard_models import seeded_model
 
 import spectral_guard
-from spectral_guard.guard.alarm import collapse_depth, collapsed_deep
+from spectral_guard.guard.alarm import (
+    FALL_DEPTH,
+    collapse_depth,
+    collapsed_deep,
+    counts_toward_quorum,
+    fall_steps,
+    fell_suddenly,
+    remember,
+    update_fall,
+)
 from spectral_guard.guard.check import Readings
 from spectral_guard.guard.config import GuardConfig
 
 
-def test_collapse_depth_is_the_deepest_relative_floor_severity():
-    floor = {"effective_rank": 0.5}
-    # 1 - 0.4 / 0.5 = 0.2; at or above the floor: 0
-    assert collapse_depth(Readings(effective_rank_retention=0.4), floor) == pytest.approx(0.2)
-    assert collapse_depth(Readings(effective_rank_retention=0.5), floor) == 0.0
-    assert collapse_depth(Readings(effective_rank_retention=0.9), floor) == 0.0
-    assert collapse_depth(Readings(effective_rank_retention=math.nan), floor) == 0.0
-    # the deepest of the relative collapse floors: stable rank 1 - 0.15 / 0.6 = 0.75
-    both = {"effective_rank": 0.5, "stable_rank": 0.6}
-    r = Readings(effective_rank_retention=0.45, stable_rank_retention=0.15)
-    assert collapse_depth(r, both) == pytest.approx(0.75)
-    # a ceiling (conditioning) or an absolute reading is no collapse depth
-    r = Readings(effective_rank_retention=0.45, condition_growth=1e6, stable_rank=1.0)
-    assert collapse_depth(r, {"effective_rank": 0.5, "condition_number": 10.0}) == \
-        pytest.approx(0.1)
-    assert collapse_depth(Readings(effective_rank_retention=0.1), {}) == 0.0
-    # the default limit 0.15 at the default floor 0.5: retention 0.425 counts, 0.43 does not
-    assert GuardConfig().msign_depth == pytest.approx(0.15)
-    assert collapsed_deep(collapse_depth(Readings(effective_rank_retention=0.425), floor), 0.15)
-    assert not collapsed_deep(collapse_depth(Readings(effective_rank_retention=0.43), floor),
-                              0.15)
-    assert collapsed_deep(0.0, 0.0) and not collapsed_deep(0.0, 0.15)   # 0: any layer
+def test_remember_keeps_the_horizon_and_fall_steps_finds_the_latest_higher_reading():
+    recent: list = []
+    for step, r in [(0, 1.0), (10, 0.95), (30, 0.9), (50, 0.8), (70, 0.75)]:
+        recent = remember(recent, step, r, horizon=40)
+    assert recent == [(30, 0.9), (50, 0.8), (70, 0.75)]          # steps >= 70 - 40
+    assert remember(recent, 80, float("nan"), 40) == [(50, 0.8), (70, 0.75)]
+    assert remember(recent, 80, 0.7, horizon=0) == []             # off: nothing kept
+    # the trigger at 0.55: the latest reading >= 0.55 + 0.3 is step 30's 0.9
+    assert FALL_DEPTH == pytest.approx(0.3)
+    assert fall_steps(recent, 72, 0.55) == 42
+    assert fall_steps(recent, 72, 0.5) == 22                      # 0.8 >= 0.5 + 0.3: step 50
+    assert fall_steps(recent, 72, 0.65) == -1                     # nothing >= 0.95 kept
+    assert fall_steps(recent, 72, float("nan")) == -1
+    assert fell_suddenly(42, 60) and not fell_suddenly(61, 60) and not fell_suddenly(-1, 60)
+    assert fell_suddenly(-1, 0) and fell_suddenly(500, 0)        # msign_fall=0: any layer
+    # a treatment: the fall is looked for until found, kept, and forgotten when it ends
+    recent, fall = [(0, 1.0)], -1
+    recent, fall = update_fall(recent, fall, 10, 0.75, True, 60)   # 1.0 >= 1.05? no
+    assert fall == -1 and recent == [(0, 1.0), (10, 0.75)]
+    recent, fall = update_fall(recent, fall, 20, 0.6, True, 60)    # 1.0 >= 0.9 at step 0
+    assert fall == 20
+    recent, fall = update_fall(recent, fall, 30, 0.2, True, 60)    # found: kept as it was
+    assert fall == 20
+    recent, fall = update_fall(recent, fall, 40, 0.9, False, 60)   # treatment over
+    assert fall == -1 and recent[-1] == (40, 0.9)
 
 
 def _effective_rank(s: torch.Tensor) -> torch.Tensor:
@@ -94,68 +106,118 @@ def _collapse(over: int, bottom: float = 0.2, steps: int = 320, **kw) -> dict:
             "period": guard.config.check_period}
 
 
+def test_a_sudden_collapse_of_a_quorum_raises_the_alarm_a_slow_one_does_not():
+    sudden = _collapse(over=20, msign_depth=None)   # the fall alone
+    assert sudden["msigns"] > 0 and sudden["lr_scale"] < 1.0
+    assert all(0 <= row["collapse_fall"] <= 60 for row in sudden["rows"])
+    slow = _collapse(over=300, msign_depth=None)   # 0.3 of retention lost in 112 steps
+    assert all(row["lambda_collapse"] > 0 for row in slow["rows"])   # treated for collapse
+    assert all(row["collapse_fall"] == -1 for row in slow["rows"])   # ... after a slow fall
+    assert slow["msigns"] == 0                                       # no alarm, no sign
+    assert slow["lr_scale"] < 1.0      # the graded back-off follows the treated fraction
+    off = {"msign_depth": None}
+    assert _collapse(over=300, lr_policy="alarm", **off)["lr_scale"] == 1.0   # the alarm's: not
+    assert _collapse(over=300, lr_count="sudden", **off)["lr_scale"] == 1.0   # nor sudden-only
+    old_rule = _collapse(over=300, msign_fall=0, **off)              # any treated layer
+    assert old_rule["msigns"] > 0
+
+
+def test_collapse_depth_is_the_deepest_relative_floor_severity():
+    floor = {"effective_rank": 0.5}
+    # 1 - 0.4 / 0.5 = 0.2; at or above the floor: 0
+    assert collapse_depth(Readings(effective_rank_retention=0.4), floor) == pytest.approx(0.2)
+    assert collapse_depth(Readings(effective_rank_retention=0.5), floor) == 0.0
+    assert collapse_depth(Readings(effective_rank_retention=0.9), floor) == 0.0
+    assert collapse_depth(Readings(effective_rank_retention=math.nan), floor) == 0.0
+    # the deepest of the relative collapse floors: stable rank 1 - 0.15 / 0.6 = 0.75
+    both = {"effective_rank": 0.5, "stable_rank": 0.6}
+    r = Readings(effective_rank_retention=0.45, stable_rank_retention=0.15)
+    assert collapse_depth(r, both) == pytest.approx(0.75)
+    # a ceiling (conditioning) or an absolute reading is no collapse depth
+    r = Readings(effective_rank_retention=0.45, condition_growth=1e6, stable_rank=1.0)
+    assert collapse_depth(r, {"effective_rank": 0.5, "condition_number": 10.0}) == \
+        pytest.approx(0.1)
+    assert collapse_depth(Readings(effective_rank_retention=0.1), {}) == 0.0
+    # the default limit 0.15 at the default floor 0.5: retention 0.425 counts, 0.43 does not
+    assert GuardConfig().msign_depth == pytest.approx(0.15)
+    assert collapsed_deep(collapse_depth(Readings(effective_rank_retention=0.425), floor), 0.15)
+    assert not collapsed_deep(collapse_depth(Readings(effective_rank_retention=0.43), floor),
+                              0.15)
+    assert collapsed_deep(0.0, 0.0) and not collapsed_deep(0.0, 0.15)   # 0: any layer
+    assert not collapsed_deep(1.0, None)                                # None: off
+    # the quorum counts a layer that fell suddenly or is deep
+    assert counts_toward_quorum(30, 60, 0.0, 0.15) and counts_toward_quorum(-1, 60, 0.2, 0.15)
+    assert not counts_toward_quorum(-1, 60, 0.1, 0.15)
+    assert not counts_toward_quorum(90, 60, 0.9, None)
+
+
 def test_a_deep_collapse_raises_the_alarm_however_long_it_took():
     fast = _collapse(over=20)
     assert fast["msigns"] > 0 and fast["lr_scale"] < 1.0
-    assert all(row["collapse_depth"] >= 0.15 for row in fast["rows"])
-    slow = _collapse(over=300)   # the same depth, 15 times slower: the law counts no time
+    slow = _collapse(over=300)   # no sudden fall (see above), but deep: counted by depth
     assert slow["msigns"] > 0
+    assert all(row["collapse_fall"] == -1 for row in slow["rows"])
+    assert all(row["collapse_depth"] >= 0.15 for row in slow["rows"])
     # retention 0.2 + 0.8 (1 - t / 300) reaches 0.425 (depth 0.15) at step 216: signed at the
     # first multiple of msign_every after the check of that step was applied
     assert 216 < slow["signed_at"] <= 216 + 2 + 5
 
 
-def test_a_drift_just_under_the_floor_is_treated_but_raises_no_alarm():
-    drift = _collapse(over=100, bottom=0.45)   # depth 1 - 0.45 / 0.5 = 0.1 < 0.15
+def test_a_slow_drift_just_under_the_floor_is_treated_but_raises_no_alarm():
+    drift = _collapse(over=280, bottom=0.45)   # depth 1 - 0.45 / 0.5 = 0.1 < 0.15, no fall
     assert all(row["lambda_collapse"] > 0 for row in drift["rows"])   # treated for collapse
     assert all(row["collapse_depth"] == pytest.approx(0.1, abs=1e-3) for row in drift["rows"])
+    assert all(row["collapse_fall"] == -1 for row in drift["rows"])
     assert drift["msigns"] == 0                                       # no alarm, no sign
-    assert drift["lr_scale"] < 1.0      # the graded back-off follows the treated fraction
-    assert _collapse(over=100, bottom=0.45, lr_policy="alarm")["lr_scale"] == 1.0
-    assert _collapse(over=100, bottom=0.45, lr_count="sudden")["lr_scale"] == 1.0
-    assert _collapse(over=100, bottom=0.45, msign_depth=0.05)["msigns"] > 0
-    assert _collapse(over=100, bottom=0.45, msign_depth=0.0)["msigns"] > 0   # any layer
+    assert _collapse(over=280, bottom=0.45, msign_depth=0.05)["msigns"] > 0
+    assert _collapse(over=280, bottom=0.45, msign_depth=0.0)["msigns"] > 0   # any layer
 
 
-def test_the_alarm_fires_with_a_layer_checked_every_50_steps():
+def test_the_alarm_fires_with_a_layer_checked_every_50_or_100_steps():
     with warnings.catch_warnings():
-        warnings.simplefilter("error")   # no warning that the alarm is blind at this period
+        warnings.simplefilter("error")   # 50 < msign_fall: no warning
         coarse = _collapse(over=20, every=50)
     assert coarse["period"] == 50
     # checks at steps 0, 50, ...: step 50's reads 0.2 (depth 0.6), applied at step 51
     assert coarse["msigns"] > 0 and 51 <= coarse["signed_at"] <= 51 + 5
-    sparse = _collapse(over=100, ratio=0.02, msign_every=10, steps=400)   # period 50 by ratio
-    assert sparse["period"] == 50 and sparse["msigns"] > 0
+    with pytest.warns(UserWarning, match="only layers collapsed msign_depth=0.15"):
+        blind = _collapse(over=20, every=100)   # no fall can be seen: the depth counts
+    assert blind["period"] == 100 and blind["msigns"] > 0
+    with pytest.warns(UserWarning, match="only its attention half"):
+        assert _collapse(over=20, every=100, msign_depth=None)["msigns"] == 0
 
 
-def test_msign_fall_is_deprecated_and_msign_depth_checked():
+def test_msign_fall_and_msign_depth_are_checked():
+    for bad in ({"msign_fall": -1}, {"msign_depth": 1.0}, {"msign_depth": -0.1},
+                {"msign_depth": True}, {"msign_depth": "0.1"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            spectral_guard.instrument(seeded_model(0, n_layers=1, d=32, seq=16), **bad)
+
+
+def test_a_check_period_longer_than_msign_fall_is_announced():
     model = seeded_model(0, n_layers=1, d=32, seq=16)
-    with pytest.raises(ValueError, match="msign_fall"):
-        spectral_guard.instrument(model, msign_fall=-1)
-    for bad in (-0.1, 1.0):
-        with pytest.raises(ValueError, match="msign_depth"):
-            spectral_guard.instrument(model, msign_depth=bad)
-    with pytest.warns(DeprecationWarning, match="msign_fall is deprecated"):
-        config = GuardConfig(msign_fall=60)
-    assert config.msign_depth == pytest.approx(0.15) and config.msign_fall is None
-    with pytest.warns(DeprecationWarning, match="msign_depth=0"):
-        assert GuardConfig(msign_fall=0).msign_depth == 0.0   # "any layer", as before
+    with pytest.warns(UserWarning, match="checked every 100 steps"):
+        spectral_guard.instrument(model, ratio=0.01, attention=False).remove()
+    quiet = [{"ratio": 0.01, "msign_fall": 0}, {"ratio": 0.01, "msign_every": 0},
+             {"ratio": 0.01, "msign_fall": 100}, {}]   # {}: the defaults, every 20 steps
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        GuardConfig().with_overrides(msign_depth=0.2)   # nothing to retire again
+        for kw in quiet:
+            spectral_guard.instrument(model, **kw).remove()
 
 
-def test_a_state_saved_with_the_fall_rule_loads():
+def test_a_state_saved_before_the_depth_count_loads_and_says_so():
     model = seeded_model(0, n_layers=1, d=32, seq=16)
     guard = spectral_guard.instrument(model, attention=False)
     state = guard.state_dict()
-    state["config"].pop("msign_depth")
-    state["config"]["msign_fall"] = 60            # what states saved before item 2 held
-    for saved in state["layers"].values():
-        saved["state"].update(recent_retention=[[0, 1.0]], collapse_fall=-1)
+    assert state["config"]["msign_depth"] == pytest.approx(0.15)
+    guard.load_state_dict(state)   # the same settings: silent
+    del state["config"]["msign_depth"]   # as saved before the depth count existed
+    with pytest.warns(UserWarning, match=r"msign_depth None -> 0.15"):
+        guard.load_state_dict(state)
+    guard.remove()
+    same = spectral_guard.instrument(model, attention=False, msign_depth=None)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")             # the same alarm settings: no warning
-        guard.load_state_dict(state)
-    state["config"]["msign_fall"] = 0             # "any layer": msign_depth 0 -> 0.15
-    with pytest.warns(UserWarning, match="msign_depth 0.0 -> 0.15"):
-        guard.load_state_dict(state)
+        warnings.simplefilter("error")
+        same.load_state_dict(state)   # saved without the depth count, loaded without it
+    same.remove()

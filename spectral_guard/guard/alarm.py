@@ -3,26 +3,30 @@
 The alarm gates the matrix sign (:mod:`.msign`) and the learning-rate back-off
 (:mod:`.backoff`). It is raised at a step when either
 
-* **a quorum of layers collapsed deep**: at least ``msign_quorum`` of the penalized layers are
-  treated for collapse, and each of them reads, at its latest check, a relative collapse
-  reading (effective-rank or stable-rank retention, ``x / x_0``) at or below
-  ``(1 - msign_depth)`` times that sensor's floor ``t``, i.e. its *depth*, the thermostat's
-  severity ``1 - x / t`` (:func:`.thermostat.floor_severity`), is at least ``msign_depth``; or
+* **a quorum of layers collapsed suddenly or deep**: at least ``msign_quorum`` of the penalized
+  layers are treated for collapse, and each of them either
+
+  - *fell*: at some check of that treatment it had lost at least :data:`FALL_DEPTH` of
+    effective-rank retention within the last ``msign_fall`` optimizer steps (the steps since
+    its latest reading at least ``FALL_DEPTH`` above that check's; the baseline reads 1), or
+  - *is deep*: its latest relative collapse reading ``x`` (effective-rank or stable-rank
+    retention) is at least ``msign_depth`` below that sensor's floor ``t`` as the thermostat's
+    severity, ``1 - x / t >= msign_depth`` (:func:`collapse_depth`); or
+
 * an attention pair's latest scale is over ``msign_alarm`` times its target.
 
-The law counts no time: neither optimizer steps, nor check periods, nor the learning rate, so
-it reads the same at any run length, check period or schedule; a layer checked every 1000
-steps is judged on its latest reading like one checked every step (only later). Healthy
-training lowers the effective rank of some layers too (the query and key projections first),
-and over a long run a few of them drift just under the floor; a learning rate too high drives
-many of them far below it. ``msign_depth=0`` counts every layer treated for collapse (the rule
-before the alarm had a second condition).
+The law's two ways of counting a layer: the fall is a time, in optimizer steps, so it sees a
+collapse only where a layer is checked more often than ``msign_fall`` steps and judges it by
+how fast it came; the depth counts no time, so it reads the same at any run length, check
+period or schedule, and sees only collapses far below the floor. Healthy training lowers the
+effective rank of some layers too (the query and key projections first), slowly and, over long
+runs, a little below the floor; a learning rate too high drives many layers down fast, and far.
+What each count caught and missed, on which models, runs and check periods: docs/efficacy.md
+(issue 18). ``msign_fall=0`` or ``msign_depth=0`` counts every layer treated for collapse;
+``msign_depth=None`` turns the depth count off (the rule before issue 18).
 
-What was tried instead, and why it does not scale (the fall's duration in steps, per unit of
-the layer's relative movement ``||W_s - W_a|| / ||W_a||`` or of the learning rate applied;
-measured with ``bench/alarm_scale.py``): docs/efficacy.md, "Issue 18, item 2".
-
-Host values only: the latest readings the checks delivered, no device work, no state.
+Host values only: the fall is tracked per layer from the readings the checks deliver (a layer
+keeps the readings of the last ``msign_fall`` steps), the depth is its latest reading.
 """
 
 from __future__ import annotations
@@ -32,6 +36,55 @@ import math
 from .check import Readings
 from .sensors import RELATIVE
 from .thermostat import floor_severity
+
+FALL_DEPTH = 0.3
+"""Effective-rank retention a sudden collapse loses within ``msign_fall`` steps."""
+
+Reading = tuple[int, float]
+"""``(step, effective-rank retention)`` of one check."""
+
+
+def remember(recent: list[Reading], step: int, retention: float,
+             horizon: int) -> list[Reading]:
+    """``recent`` with this reading added (when finite) and those older than ``horizon``
+    steps dropped (pure)."""
+    kept = [(s, r) for s, r in recent if s >= step - horizon]
+    if horizon > 0 and math.isfinite(retention):
+        kept.append((step, retention))
+    return kept
+
+
+def fall_steps(recent: list[Reading], step: int, retention: float) -> int:
+    """Steps since the latest remembered reading at least :data:`FALL_DEPTH` above
+    ``retention``; ``-1`` when there is none (a slower fall, or no finite reading).
+
+    Example:
+        >>> fall_steps([(0, 1.0), (20, 0.9), (40, 0.7)], 50, 0.45)   # 0.9 - 0.45 >= 0.3
+        30
+        >>> fall_steps([(40, 0.7)], 50, 0.45)
+        -1
+    """
+    if not math.isfinite(retention):
+        return -1
+    above = [s for s, r in recent if r >= retention + FALL_DEPTH]
+    return step - max(above) if above else -1
+
+
+def update_fall(recent: list[Reading], fall: int, step: int, retention: float,
+                collapsing: bool, horizon: int) -> tuple[list[Reading], int]:
+    """One check's update of a layer's ``(recent readings, fall)`` (pure): the fall is looked
+    for at each check of a treatment for collapse until found, and forgotten when the treatment
+    ends (``-1``)."""
+    if not collapsing:
+        fall = -1
+    elif fall < 0:
+        fall = fall_steps(recent, step, retention)
+    return remember(recent, step, retention, horizon), fall
+
+
+def fell_suddenly(fall: int, limit: int) -> bool:
+    """Does a fall of ``fall`` steps count toward the quorum (``limit == 0``: any layer)?"""
+    return limit == 0 or 0 <= fall <= limit
 
 
 def collapse_depth(readings: Readings, sensors: dict[str, float]) -> float:
@@ -56,7 +109,14 @@ def collapse_depth(readings: Readings, sensors: dict[str, float]) -> float:
     return depth
 
 
-def collapsed_deep(depth: float, limit: float) -> bool:
+def collapsed_deep(depth: float, limit: float | None) -> bool:
     """Does a layer at ``depth`` (:func:`collapse_depth`) count toward the quorum?
-    ``limit == 0``: any layer treated for collapse does (pure)."""
-    return limit == 0 or depth >= limit
+    ``limit == 0``: any layer treated for collapse does; ``None``: none (pure)."""
+    return limit is not None and (limit == 0 or depth >= limit)
+
+
+def counts_toward_quorum(fall: int, fall_limit: int, depth: float,
+                         depth_limit: float | None) -> bool:
+    """A layer treated for collapse counts toward the alarm's quorum when it fell suddenly
+    (:func:`fell_suddenly`) or is collapsed deep (:func:`collapsed_deep`) (pure)."""
+    return fell_suddenly(fall, fall_limit) or collapsed_deep(depth, depth_limit)

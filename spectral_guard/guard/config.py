@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import numbers
 import re
-import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -53,17 +52,19 @@ class GuardConfig:
                       pretrained layer is never signed); ``"always"``: every penalized layer at
                       every multiple of ``msign_every``
       msign_quorum    the alarm, first half (``guard/alarm.py``): at least this fraction of
-                      the penalized layers treated for collapse at once, each collapsed deep
+                      the penalized layers treated for collapse at once, each fallen suddenly
+                      or collapsed deep
                       (the signature of a too-high learning rate in bench/efficacy.py; 0.10
                       signed a healthy run, 0.25 helped less at the highest LR)
-      msign_depth     a layer counts toward the quorum only if its latest relative collapse
-                      reading is at least this far below its floor, as the thermostat's
-                      severity ``1 - x / t`` (0.15: erank retention <= 0.425 at the default
-                      floor 0.5); no time in it, so it holds at any run length, check period
-                      or schedule (docs/efficacy.md, issue 18 item 2); ``0``: any layer
-                      treated for collapse counts
-      msign_fall      deprecated, ignored (the alarm's former fall window in optimizer steps);
-                      ``0`` still means "any layer counts" (``msign_depth=0``)
+      msign_fall      a layer counts toward the quorum only if, at some check of its
+                      treatment for collapse, it had lost 0.3 of effective-rank retention
+                      within this many optimizer steps (7-36 at too-high LRs, 120-290 in
+                      healthy runs, in bench/efficacy.py's 600-step schedule; ``0``: any layer
+                      treated for collapse counts, which signed healthy 1200-step runs)
+      msign_depth     ... or if its latest relative collapse reading is at least this far
+                      below its floor, as the thermostat's severity ``1 - x / t`` (0.15:
+                      effective-rank retention <= 0.425 at the default floor 0.5); no time in
+                      it, so it counts at any check period; ``None``: off, ``0``: any layer
       msign_alarm     the alarm, second half: an attention pair's latest scale over this
                       factor times its target
     Learning-rate back-off (``guard/backoff.py``: every param group's ``lr`` scaled during
@@ -81,8 +82,8 @@ class GuardConfig:
                       300-step runs of bench/band_probe.py had up to 2 of 24 layers treated,
                       4x the LR 3 to 13: docs/efficacy.md)
       lr_count        ``"graded"``: which layers ``f`` counts: ``"treated"`` (every layer
-                      treated for collapse) or ``"sudden"`` (only those collapsed
-                      ``msign_depth`` deep, the alarm's quorum rule)
+                      treated for collapse) or ``"sudden"`` (only those fallen within
+                      ``msign_fall`` steps, the alarm's quorum rule)
     Selection (``guard/select.py``): an ``nn.Linear`` with a 2-D weight, both sides >= 2
       include         ``None`` (every candidate) or regexes: a module path must match one
       exclude         regexes: a module path matching one is skipped (``guard.skipped``)
@@ -124,8 +125,8 @@ class GuardConfig:
     msign_gate: Literal["alarm", "always"] = "alarm"
     msign_quorum: float = 0.15
     msign_alarm: float = 2.0
-    msign_depth: float = 0.15
-    msign_fall: int | None = None
+    msign_fall: int = 60
+    msign_depth: float | None = 0.15
     lr_backoff: float = 0.5
     lr_floor: float = 0.25
     lr_policy: Literal["graded", "alarm"] = "graded"
@@ -177,10 +178,12 @@ class GuardConfig:
             raise ValueError(f"lr_count must be 'treated' or 'sudden', got {self.lr_count!r}")
         if self.lr_grace < 0:
             raise ValueError(f"lr_grace must be >= 0, got {self.lr_grace}")
-        if not 0.0 <= self.msign_depth < 1.0:
-            raise ValueError(f"msign_depth must be in [0, 1) (0: any layer), got "
-                             f"{self.msign_depth}")
-        self._retire_msign_fall()
+        if self.msign_fall < 0:
+            raise ValueError(f"msign_fall must be >= 0 (0: any fall), got {self.msign_fall}")
+        depth = self.msign_depth
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, numbers.Real)
+                                  or not 0.0 <= depth < 1.0):
+            raise ValueError(f"msign_depth must be in [0, 1) or None (off), got {depth!r}")
         if self.msign_every < 0:
             raise ValueError(f"msign_every must be >= 0 (0: off), got {self.msign_every}")
         if self.step_on not in ("optimizer", "manual"):
@@ -209,23 +212,6 @@ class GuardConfig:
             object.__setattr__(self, "include", tuple(self.include))
         self._validate_rest()
 
-    def _retire_msign_fall(self) -> None:
-        """``msign_fall`` (the fall window in steps, before issue 18 item 2): still checked,
-        then dropped with a DeprecationWarning; ``0`` ("any layer") becomes
-        ``msign_depth=0``."""
-        fall = self.msign_fall
-        if fall is None:
-            return
-        if isinstance(fall, bool) or not isinstance(fall, numbers.Integral) or fall < 0:
-            raise ValueError(f"msign_fall must be an int >= 0 (0: any fall), got {fall!r}")
-        meant = "msign_depth=0 (any layer treated for collapse counts)" if fall == 0 else \
-            f"the alarm's depth rule (msign_depth={self.msign_depth:g})"
-        warnings.warn(f"msign_fall is deprecated and ignored: the alarm no longer counts "
-                      f"steps; using {meant} (guard/alarm.py)", DeprecationWarning, stacklevel=4)
-        if fall == 0:
-            object.__setattr__(self, "msign_depth", 0.0)
-        object.__setattr__(self, "msign_fall", None)
-
     def _validate_rest(self) -> None:
         """The fields the checks above leave out: one-line errors."""
         def number(name: str, ok: bool, want: str) -> None:
@@ -245,7 +231,7 @@ class GuardConfig:
         if self.lambda_base is not None:
             number("lambda_base", self.lambda_base >= 0, ">= 0 or None (the actuator's default)")
         for name in ("every", "history", "biopsy_limit", "power_iters", "msign_every",
-                     "lr_grace"):
+                     "msign_fall", "lr_grace"):
             number(name, isinstance(getattr(self, name), numbers.Integral), "an int")
         for name in ("collapse_rule", "watch_unguarded", "auto_loss", "attention"):
             flag(name)
@@ -260,6 +246,13 @@ class GuardConfig:
     def check_period(self) -> int:
         """Optimizer steps between two checks of one layer: ``every * ceil(1 / ratio)``."""
         return self.every * math.ceil(1.0 / self.ratio)
+
+    @property
+    def sees_falls(self) -> bool:
+        """Can the alarm see a layer fall within ``msign_fall`` steps (guard/alarm.py)? Not
+        when a layer is checked less often than that (the depth count still sees it)."""
+        return not (self.msign_every and self.msign_gate == "alarm"
+                    and 0 < self.msign_fall < self.check_period)
 
     @property
     def base(self) -> float:

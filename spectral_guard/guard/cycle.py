@@ -1,6 +1,6 @@
 """The layer checks' cycle on the host: which layers a step samples, what each launch puts into
 the step's packer (:mod:`.worker`), and how a measurement is applied one step later (relative
-readings, verdict, thermostat, the conditioning pairs, history).
+readings, verdict, thermostat, the alarm's fall record, the conditioning pairs, history).
 
 Pure host logic over :class:`~.install.GuardedLayer` records; the device half is
 :func:`.worker.launch` and the transport is :mod:`.protocol`.
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .alarm import remember, update_fall
 from .check import Law, Readings, baseline_from, condition_pairs, judge, relative, update_lambdas
 from .config import GuardConfig
 from .install import GuardedLayer
@@ -87,6 +88,7 @@ class LayerChecks:
             state = layer.state
             state.baseline = None if m.error or m.nonfinite_entries else \
                 baseline_from(m.readings)
+            state.recent_retention = remember([], step, 1.0, self.config.msign_fall)
             state.random_init = state.baseline is not None and looks_random_init(
                 m.readings.stable_rank, m.readings.effective_rank,
                 layer.probe.biopsy_shape(tuple(layer.weight.shape)))
@@ -142,6 +144,7 @@ class LayerChecks:
             return
         if st.baseline is None:
             st.baseline = baseline_from(m.readings)  # deferred: the layer just became non-zero
+            st.recent_retention = remember([], step, 1.0, self.config.msign_fall)
         st.readings = relative(m.readings, st.baseline)
         verdict = judge(st.readings, layer.sensors, layer.rule, layer.min_dim,
                         self.config.collapse_rule)
@@ -149,6 +152,9 @@ class LayerChecks:
             self.record(layer, step, verdict.fired)
             return
         st.lambdas = update_lambdas(st.lambdas, verdict, self.law)
+        st.recent_retention, st.collapse_fall = update_fall(
+            st.recent_retention, st.collapse_fall, step, st.readings.effective_rank_retention,
+            st.lambdas["collapse"] > 0, self.config.msign_fall)
         st.interventions += int(verdict.fired)
         if self.config.actuator == "msign" and verdict.triggered["collapse"]:
             self.collapse_flagged.append(layer)

@@ -29,7 +29,7 @@ from .hooks import get_loss, set_loss
 from .install import install_layers, rewire_copy, root_hooks, uninstall
 from .penalty import PenaltyCopy, build
 from .protocol import AsyncChecks
-from .signs import Alarm, MatrixSigns, SignStep, quorum_alarm
+from .signs import Alarm, MatrixSigns, SignStep, quorum_alarm, warn_if_blind
 
 Tensor = torch.Tensor
 STATE_VERSION = persist.STATE_VERSION
@@ -45,6 +45,7 @@ class Guard:
 
     def __init__(self, model: nn.Module, config: GuardConfig, alarm: Alarm | None = None,
                  backoff: LRBackoff | None = None) -> None:
+        warn_if_blind(config)
         self.model, self.config, self.penalty_scale = model, config, 1.0
         self.backoff = backoff or LRBackoff(config.lr_backoff, config.lr_floor,
                                             config.lr_policy, config.lr_recovery,

@@ -26,7 +26,8 @@ def schedule_config(config: GuardConfig) -> dict[str, Any]:
             "sensors": list(config.sensors), "biopsy_limit": config.biopsy_limit,
             "actuator": config.actuator, "msign_every": config.msign_every,
             "msign_gate": config.msign_gate, "msign_alarm": config.msign_alarm,
-            "msign_quorum": config.msign_quorum, "msign_depth": config.msign_depth,
+            "msign_quorum": config.msign_quorum, "msign_fall": config.msign_fall,
+            "msign_depth": config.msign_depth,
             "lr_backoff": config.lr_backoff,
             "lr_floor": config.lr_floor, "lr_policy": config.lr_policy,
             "lr_recovery": config.lr_recovery, "lr_grace": config.lr_grace,
@@ -85,11 +86,10 @@ def check_compatible(state: Any, by_name: dict[str, GuardedLayer],
         raise ValueError(f"guard state is for other layers: missing {missing[:3]}, "
                          f"unexpected {extra[:3]}")
     saved, now = dict(state.get("config", {})), schedule_config(config)
-    # states saved before the matrix sign, its depth rule and the back-off: switched off
-    off = GuardConfig(msign_every=0, lr_backoff=1.0, msign_depth=0.0)
-    fall = saved.pop("msign_fall", None)   # the alarm's window in steps before its depth rule
-    if fall is not None:                   # 0 meant any layer, as msign_depth=0 does now
-        saved.setdefault("msign_depth", 0.0 if fall == 0 else now["msign_depth"])
+    # states saved before the matrix sign, its fall rule and the back-off: switched off
+    off = GuardConfig(msign_every=0, lr_backoff=1.0, msign_fall=0)
+    if "msign_fall" in saved:  # saved before the depth count: the fall alone
+        saved.setdefault("msign_depth", None)
     if "lr_backoff" in saved:   # saved before the graded back-off: the alarm policy
         saved.setdefault("lr_policy", "alarm")
     for key, value in schedule_config(off).items():

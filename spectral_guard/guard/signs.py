@@ -2,8 +2,8 @@
 
 The alarm is a policy: a callable ``alarm(guard) -> bool`` on host values only, given to
 ``instrument(model, alarm=...)``. The default, :func:`quorum_alarm`, is the rule of
-:mod:`.alarm`: a quorum of penalized layers that collapsed deep, or an attention pair far over
-its target. Benchmarks pass their own variants instead of patching the guard.
+:mod:`.alarm`: a quorum of penalized layers that collapsed suddenly or deep, or an attention
+pair far over its target. Benchmarks pass their own variants instead of patching the guard.
 
 At each step the sign runs on the layers the last check flagged for collapse (``actuator=
 "msign"``) and, at multiples of ``msign_every``, on the penalized layers of the schedule
@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from . import sharded
-from .alarm import collapse_depth, collapsed_deep
+from .alarm import collapse_depth, counts_toward_quorum
 from .backoff import LRBackoff
 from .config import GuardConfig
 from .install import GuardedLayer
@@ -41,23 +42,38 @@ TURN_OFF = ("msign_every=0 turns the sign off, lr_backoff=1.0 the back-off "
             "(instrument(model, ...) or GuardConfig)")
 
 
+def warn_if_blind(config: GuardConfig) -> None:
+    """Warn when a layer is checked less often than ``msign_fall`` steps (the alarm's quorum
+    counts only layers collapsed deep then, or none with ``msign_depth=None``)."""
+    if not config.sees_falls:
+        counted = ("only layers collapsed msign_depth="
+                   f"{config.msign_depth:g} below their floor count toward its quorum"
+                   if config.msign_depth is not None else
+                   "only its attention half can raise it (msign_depth=None)")
+        warnings.warn(f"a layer is checked every {config.check_period} steps (every="
+                      f"{config.every}, ratio={config.ratio}), more than msign_fall="
+                      f"{config.msign_fall}: the alarm cannot see a sudden collapse, so "
+                      f"{counted}; raise ratio or msign_fall (guard/alarm.py)", stacklevel=4)
+
+
 def collapse_treated(layers: list[GuardedLayer], config: GuardConfig,
                      sudden: bool) -> tuple[list[GuardedLayer], int]:
-    """The penalized layers treated for collapse (with ``sudden``, only those collapsed at
-    least ``msign_depth`` deep: the alarm's rule, :mod:`.alarm`), and how many layers are
-    penalized."""
+    """The penalized layers treated for collapse (with ``sudden``, only those the alarm's
+    quorum counts: fallen within ``msign_fall`` steps or ``msign_depth`` deep,
+    :func:`.alarm.counts_toward_quorum`), and how many layers are penalized."""
     penalized = [layer for layer in layers if layer.sensors]
     treated = [layer for layer in penalized
                if layer.state.treated and layer.state.lambdas["collapse"] > 0
-               and (not sudden or collapsed_deep(collapse_depth(layer.state.readings,
-                                                                layer.sensors),
-                                                 config.msign_depth))]
+               and (not sudden or counts_toward_quorum(
+                   layer.state.collapse_fall, config.msign_fall,
+                   collapse_depth(layer.state.readings, layer.sensors), config.msign_depth))]
     return treated, len(penalized)
 
 
 def quorum_alarm(guard: Any) -> bool:
     """The default alarm (``guard/alarm.py``): at least ``msign_quorum`` of the penalized
-    layers treated for collapse at once, each at least ``msign_depth`` below its floor, or an
+    layers treated for collapse at once, each fallen within ``msign_fall`` steps or
+    ``msign_depth`` deep, or an
     attention pair's latest scale over ``msign_alarm`` times its target."""
     config = guard.config
     if guard.attention is not None and guard.attention.alarm(config.msign_alarm):
@@ -80,7 +96,8 @@ def alarm_reason(guard: Any, alarm: Alarm) -> str:
                 f"in {', '.join(over)}")
     collapsing, penalized = collapse_treated(guard.layers, config, sudden=True)
     return (f"collapse quorum: {len(collapsing)} of {penalized} penalized layers collapsed "
-            f"deep (msign_depth={config.msign_depth:g}, quorum {config.msign_quorum:g}): "
+            f"suddenly or deep (msign_fall={config.msign_fall}, msign_depth="
+            f"{config.msign_depth}, quorum {config.msign_quorum:g}): "
             f"{', '.join(layer.name for layer in collapsing)}")
 
 
@@ -156,7 +173,7 @@ class MatrixSigns:
         if moved:
             why = "alarm" if self.backoff.policy == "alarm" else (
                 f"{len(treated)} of {penalized} penalized layers treated for collapse"
-                + (" (collapsed deep)" if self.config.lr_count == "sudden" else "")
+                + (" (fallen suddenly or deep)" if self.config.lr_count == "sudden" else "")
                 + (f" ({', '.join(layer.name for layer in treated)})" if treated else "")
                 + f", lr_grace={self.backoff.grace}")
             parts.append(f"lr scale {before:.3g} -> {scale:.3g} ({self.backoff.policy} "

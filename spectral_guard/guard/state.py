@@ -90,6 +90,8 @@ class LayerState:
     random_init: bool = False
     msigns_skipped: int = 0
     last_checked_step: int = -1
+    recent_retention: list[tuple[int, float]] = field(default_factory=list)
+    collapse_fall: int = -1
     nonfinite: bool = False
     nonfinite_entries: int = 0
     failed_checks: int = 0
@@ -126,4 +128,5 @@ class LayerState:
         state.baseline = None if base is None else Baseline(**base)
         state.readings = Readings(**readings)
         state.lambdas = {k: float(state.lambdas.get(k, 0.0)) for k in KINDS}
+        state.recent_retention = [(int(s), float(r)) for s, r in state.recent_retention]
         return state

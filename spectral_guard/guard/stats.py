@@ -24,6 +24,7 @@ def layer_stats(layer: Any) -> dict[str, Any]:
         "msigns": st.msigns,
         "msigns_skipped": st.msigns_skipped,
         "last_checked_step": st.last_checked_step,
+        "collapse_fall": st.collapse_fall,
         "collapse_depth": collapse_depth(st.readings, layer.sensors),
         "nonfinite": st.nonfinite,
         "nonfinite_entries": st.nonfinite_entries,
