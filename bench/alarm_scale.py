@@ -17,12 +17,18 @@ Two halves, so that the rules are cheap to compare:
    One ``.npz`` per run in ``--cache`` (outside the repository).
 2. ``replay``: for each recorded run, each check period ``P`` and every phase ``0..P-1``, keep
    only the readings a layer checked every ``P`` steps would get, run the thermostat
-   (``thermostat.update_lambda``: treated for collapse while ``lambda_collapse > 0``) and the
-   alarm's pure rules (``guard/alarm.py``) on them, and print per run and rule whether the
-   quorum half of the alarm fired (in how many phases) and its first step.
+   (``thermostat.update_lambda``: treated for collapse while ``lambda_collapse > 0``) and a
+   rule of the alarm's quorum on them (:func:`counts`: ``depth``, the depth count of
+   ``guard/alarm.py``; ``fall``, its fall in steps; ``either``, the two together, the guard's
+   law; ``fallP``, a fall window of at least one check period), and print per run and rule in
+   how many phases the quorum half of the alarm fired and its first steps; ``--falls`` also
+   measures each treated layer's fall in steps, in relative movement and in learning rate.
 
     python bench/alarm_scale.py record --steps 300 --lr-x 1,4,16 --warmup 0,0.1,0.3
-    python bench/alarm_scale.py replay --periods 1,10,50
+    python bench/alarm_scale.py replay --periods 1,10,50 --rules depth:0.15,either:0.15,fall:60
+    python bench/alarm_scale.py replay --markdown        # one table row per run
+
+Measured (docs/efficacy.md, "Issue 18, item 2"): 31 runs, 300 to 5000 steps.
 """
 
 from __future__ import annotations
@@ -169,8 +175,9 @@ def record(spec: Spec, lags: tuple[int, ...], cache: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Replay
 
-FALL_DEPTH = 0.3
-"""The former rule's fall (guard/alarm.py before issue 18 item 2), for the comparison."""
+FALL_DEPTH, FALL_STEPS = 0.3, 60
+"""The fall of the former rule (0.3 of retention within ``msign_fall=60`` steps), replayed
+here for the comparison."""
 
 
 def load(path: Path) -> dict:
@@ -213,7 +220,8 @@ def counts(run: dict, rule: str, const: float, period: int, phase: int,
     * ``fall``: treated, and at some check of this treatment it had lost ``FALL_DEPTH`` of
       retention within ``const`` steps (the former rule, ``msign_fall=const``);
     * ``fallP``: the same within ``max(const, period)`` steps (a fall between two checks
-      always counts)."""
+      always counts);
+    * ``either``: ``fall`` within :data:`FALL_STEPS` steps or ``depth`` at ``const``."""
     ret, trig, sev = run["ret"], run["trig"], run["sev"]
     T, L = ret.shape[0] - 1, ret.shape[1]
     checks = sorted({0, *range(phase, T + 1, period)})
@@ -222,22 +230,19 @@ def counts(run: dict, rule: str, const: float, period: int, phase: int,
         if not run["penalized"][i]:
             continue
         treated = treated_series(trig[:, i], sev[:, i], checks, config)
-        window = const if rule == "fall" else max(const, period)
+        window = {"fall": const, "fallP": max(const, period)}.get(rule, FALL_STEPS)
         seen: list[tuple[int, float]] = []
         fell, counting = False, np.zeros(T + 1, dtype=bool)
         for k, s in enumerate(checks):
             r = float(ret[s, i])
-            if rule == "depth":
-                now = treated[k] and A.collapsed_deep(
-                    A.collapse_depth(Readings(effective_rank_retention=r), run["sensors"][i]),
-                    const)
-            else:
-                if not treated[k]:
-                    fell = False
-                elif not fell and math.isfinite(r):
-                    above = [a for a, x in seen if x >= r + FALL_DEPTH]
-                    fell = bool(above) and s - max(above) <= window
-                now = treated[k] and fell
+            deep = A.collapsed_deep(
+                A.collapse_depth(Readings(effective_rank_retention=r), run["sensors"][i]), const)
+            if not treated[k]:
+                fell = False
+            elif not fell and math.isfinite(r):
+                above = [a for a, x in seen if x >= r + FALL_DEPTH]
+                fell = bool(above) and s - max(above) <= window
+            now = treated[k] and {"depth": deep, "either": deep or fell}.get(rule, fell)
             if math.isfinite(r):
                 seen.append((s, r))
             end = checks[k + 1] if k + 1 < len(checks) else T + 1
@@ -253,6 +258,14 @@ def first_alarm(run: dict, rule: str, const: float, period: int, phase: int,
     hits = np.nonzero(counts(run, rule, const, period, phase, config)
                       >= max(1e-9, config.msign_quorum * penalized))[0]
     return int(hits[0]) if len(hits) else -1
+
+
+def quorum_low(run: dict, config: GuardConfig) -> float:
+    """The lowest retention, over the run, that a quorum of penalized layers read at once (every
+    step checked): the quorum-th lowest layer's, minimized over the steps."""
+    ret = run["ret"][:, run["penalized"]]
+    q = math.ceil(config.msign_quorum * ret.shape[1] - 1e-9)
+    return float(np.sort(np.where(np.isnan(ret), np.inf, ret), axis=1)[:, q - 1].min())
 
 
 def fall_table(run: dict, config: GuardConfig) -> list[str]:
@@ -302,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--only", default="", help="substring of the run names to replay")
     rep.add_argument("--falls", action="store_true",
                      help="also each treated layer's fall in steps, movement and LR")
+    rep.add_argument("--markdown", action="store_true", help="one table row per run")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cmd == "record":
@@ -319,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     periods = [int(p) for p in args.periods.split(",")]
     rules = [(r.split(":")[0], float(r.split(":")[1])) for r in args.rules.split(",")]
     sensors: dict[tuple, list] = {}
+    printed = False
     for path in sorted(args.cache.glob("*.npz")):
         if args.only not in path.name:
             continue
@@ -332,9 +347,22 @@ def main(argv: list[str] | None = None) -> None:
                 firsts = [first_alarm(run, rule, const, P, ph, config)
                           for ph in range(0, P, step)]
                 hit = [f for f in firsts if f >= 0]
-                cells.append(f"{rule} {const:g} @{P}: {len(hit)}/{len(firsts)} "
-                             f"{min(hit) if hit else '-'}")
-        print(f"{path.stem:34s} {run['meta']['final']:.3f} | " + " | ".join(cells), flush=True)
+                cells.append((f"{rule} {const:g} @{P}", f"{len(hit)}/{len(firsts)}"
+                              + (f" at {min(hit)}-{max(hit)}" if hit else "")))
+        m = run["meta"]
+        if args.markdown:
+            if not printed:
+                print("| run | final val | quorum's lowest retention | "
+                      + " | ".join(c[0] for c in cells) + " |")
+                print("|---" * (len(cells) + 3) + "|")
+                printed = True
+            print(f"| {m['steps']} {m['schedule']}, warmup {m['warmup']:.0%}, {m['lr_x']:g}x, "
+                  f"seed {m['seed']}, model {','.join(map(str, m['model']))} "
+                  f"| {m['final']:.3f} | {quorum_low(run, config):.3f} | "
+                  + " | ".join(c[1] for c in cells) + " |", flush=True)
+        else:
+            print(f"{path.stem:34s} {m['final']:.3f} | "
+                  + " | ".join(f"{a}: {b}" for a, b in cells), flush=True)
         if args.falls:
             print("    " + "; ".join(fall_table(run, config)), flush=True)
 
