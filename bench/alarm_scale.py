@@ -176,7 +176,7 @@ def record(spec: Spec, lags: tuple[int, ...], cache: Path) -> Path:
 # Replay
 
 FALL_DEPTH, FALL_STEPS = 0.3, 60
-"""The fall of the former rule (0.3 of retention within ``msign_fall=60`` steps), replayed
+"""The fall of the former rule (0.3 of retention within ``alarm_fall_steps=60`` steps), replayed
 here for the comparison."""
 
 
@@ -218,7 +218,7 @@ def counts(run: dict, rule: str, const: float, period: int, phase: int,
     * ``depth``: treated for collapse and ``alarm.collapsed_deep(alarm.collapse_depth(...),
       const)`` on the latest reading (the law);
     * ``fall``: treated, and at some check of this treatment it had lost ``FALL_DEPTH`` of
-      retention within ``const`` steps (the former rule, ``msign_fall=const``);
+      retention within ``const`` steps (the former rule, ``alarm_fall_steps=const``);
     * ``fallP``: the same within ``max(const, period)`` steps (a fall between two checks
       always counts);
     * ``either``: ``fall`` within :data:`FALL_STEPS` steps or ``depth`` at ``const``."""
@@ -256,7 +256,7 @@ def first_alarm(run: dict, rule: str, const: float, period: int, phase: int,
     """First step at which the quorum half of the alarm is raised (``-1``: never)."""
     penalized = int(run["penalized"].sum())
     hits = np.nonzero(counts(run, rule, const, period, phase, config)
-                      >= max(1e-9, config.msign_quorum * penalized))[0]
+                      >= max(1e-9, config.alarm_quorum * penalized))[0]
     return int(hits[0]) if len(hits) else -1
 
 
@@ -264,7 +264,7 @@ def quorum_low(run: dict, config: GuardConfig) -> float:
     """The lowest retention, over the run, that a quorum of penalized layers read at once (every
     step checked): the quorum-th lowest layer's, minimized over the steps."""
     ret = run["ret"][:, run["penalized"]]
-    q = math.ceil(config.msign_quorum * ret.shape[1] - 1e-9)
+    q = math.ceil(config.alarm_quorum * ret.shape[1] - 1e-9)
     return float(np.sort(np.where(np.isnan(ret), np.inf, ret), axis=1)[:, q - 1].min())
 
 

@@ -11,7 +11,7 @@ step, so after any sign of that step) it prints:
 * ``q25``: the lower quartile over penalized layers of the latest effective-rank retention
   (``erank / erank`` at instrumenting);
 * ``attn``: the largest attention pair's scale over its target (the alarm's other half fires
-  over ``msign_alarm``, 2.0);
+  over ``alarm_attention_factor``, 2.0);
 * ``signs``: matrix signs applied so far; ``lr_scale``: the back-off's scale.
 
     python bench/alarm_timeline.py                       # 4x and 16x the standard LR, seed 0

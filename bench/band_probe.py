@@ -26,15 +26,15 @@ Variants (``--variant``): ``plain`` (no guard), ``default`` (``instrument(model)
 issue 18 the graded back-off of guard/backoff.py), ``old`` (``lr_policy="alarm"``: the binary
 back-off before it), ``grace0``, ``grace1`` (``lr_grace=0``, ``1``), ``sudden``
 (``lr_count="sudden"``: the graded back-off counting only layers fallen within
-``msign_fall``), ``recovery5`` (``lr_recovery=5``: the back-off doubles back 5x faster),
+``alarm_fall_steps``), ``recovery5`` (``lr_recovery=5``: the back-off doubles back 5x faster),
 ``penalty`` (``msign_every=0``:
 the attention hinge and rank penalties only, no alarm-driven sign or back-off), ``rescale``
-(``attention_actuator="rescale"``), ``alarm125`` (``msign_alarm=1.25``), and three
+(``attention_actuator="rescale"``), ``alarm125`` (``alarm_attention_factor=1.25``), and three
 bench-side prototypes of a graded response instead of the binary alarm (not in the package;
 both with ``msign_every=0``, so no sign and no binary back-off): ``graded`` (the learning rate
 multiplied at every step by ``clip((t / s)^2, 0.1, 1)`` with ``s / t`` the worst pair's latest
 reading over its target, from the guard's host readings, rising again when ``s`` falls back),
-``graded_q`` (the learning rate multiplied by ``max(0.25, 0.5 ** (f / msign_quorum))`` with
+``graded_q`` (the learning rate multiplied by ``max(0.25, 0.5 ** (f / alarm_quorum))`` with
 ``f`` the fraction of penalized layers treated for collapse now: the alarm's quorum as a
 continuous, reversible back-off), ``graded_qm`` (the same target scale, reached at once when
 lower, but rising back by at most 2x per 25 check periods of a layer: hysteresis).
@@ -90,7 +90,7 @@ VARIANTS: dict[str, dict | None] = {
     "recovery5": {"lr_recovery": 5.0},
     "penalty": {"msign_every": 0},
     "rescale": {"attention_actuator": "rescale"},
-    "alarm125": {"msign_alarm": 1.25},
+    "alarm125": {"alarm_attention_factor": 1.25},
     "graded": {"msign_every": 0},
     "graded_q": {"msign_every": 0},
     "graded_qm": {"msign_every": 0},
@@ -177,7 +177,7 @@ def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: 
         if variant in ("graded_q", "graded_qm") and guard is not None:
             treated, penalized = collapse_treated(guard.layers, guard.config, sudden=False)
             frac = len(treated) / max(penalized, 1)
-            quorum = guard.config.msign_quorum
+            quorum = guard.config.alarm_quorum
             if variant == "graded_qm":   # down at once, up by 2x per 25 check periods at most
                 graded_scale = backoff.graded_scale(frac, quorum, 0.25, graded_scale,
                                                     periods=1 / guard.config.check_period)
@@ -256,10 +256,10 @@ def run(variant: str, lr: float, seed: int, steps: int, warmup: int, log_every: 
                 sudden, penalized = collapse_treated(guard.layers, guard.config, sudden=True)
                 treated, _ = collapse_treated(guard.layers, guard.config, sudden=False)
                 rec.update(treated=len(treated), sudden=len(sudden), penalized=penalized,
-                           quorum=guard.config.msign_quorum * penalized,
+                           quorum=guard.config.alarm_quorum * penalized,
                            max_lambda=max(lams, default=0.0),
                            alarm_attn=bool(attn is not None
-                                           and attn.alarm(guard.config.msign_alarm)),
+                                           and attn.alarm(guard.config.alarm_attention_factor)),
                            alarm=bool(guard.signs.alarm(guard)), msigns=m["msigns"],
                            lr_scale=m["lr_scale"], attn_hits=m.get("attention_interventions",
                                                                    0.0),

@@ -15,7 +15,7 @@ Variants (all start from ``guard_attn``: ``instrument(model, msign_every=0)``, u
   only / the MLP layers only (``guard/msign.py``'s ``msign_``);
 * ``snclip2``: after each step, every block Linear rescaled to ``sigma_max <= 2 sigma_max(W_0)``
   (a spectral-norm ceiling relative to initialization);
-* ``quorum15``, ``quorum10``: ``instrument(model, lr_backoff=1.0)`` with ``msign_quorum`` 0.15
+* ``quorum15``, ``quorum10``: ``instrument(model, lr_backoff=1.0)`` with ``alarm_quorum`` 0.15
   / 0.10 (the matrix sign's gate alone, as measured before the back-off existed);
 * from ``instrument(model)`` (the defaults): ``no_backoff`` (``lr_backoff=1.0``), ``floor50``,
   ``floor12`` (``lr_floor`` 0.5 / 0.125), ``gentle`` (``lr_backoff=0.8``), ``sticky`` (after the
@@ -27,8 +27,8 @@ Variants (all start from ``guard_attn``: ``instrument(model, msign_every=0)``, u
   unchanged (references for ``--model``, another model than the benchmark's);
 * ``per_quorum``: the defaults with the back-off set by how many quorums of layers are
   treated for collapse at an alarmed sign: ``s <- max(floor, min(s, 0.5 ** k))``,
-  ``k = max(1, floor(f / msign_quorum))``, instead of halving at every alarmed sign;
-* ``fall0``: the defaults with ``msign_fall=0`` (the alarm's quorum counts every layer treated
+  ``k = max(1, floor(f / alarm_quorum))``, instead of halving at every alarmed sign;
+* ``fall0``: the defaults with ``alarm_fall_steps=0`` (the alarm's quorum counts every layer treated
   for collapse, however slowly it fell: the rule before ``guard/alarm.py``);
 * ``fresh``, ``fresh25``: the defaults with the alarm's quorum counted on fresh readings
   (layers whose check in the last 10 steps, after the last sign, read collapsed) instead of
@@ -71,8 +71,8 @@ VARIANTS: dict[str, dict] = {
     "sign_attn": {"post": ("sign", 10, r"\.attn\.")},
     "sign_mlp": {"post": ("sign", 10, r"\.(fc|proj)$")},
     "snclip2": {"post": ("snclip", 2.0, "")},
-    "quorum15": {"method": "guard_default", "kw": {"msign_quorum": 0.15, "lr_backoff": 1.0}},
-    "quorum10": {"method": "guard_default", "kw": {"msign_quorum": 0.10, "lr_backoff": 1.0}},
+    "quorum15": {"method": "guard_default", "kw": {"alarm_quorum": 0.15, "lr_backoff": 1.0}},
+    "quorum10": {"method": "guard_default", "kw": {"alarm_quorum": 0.10, "lr_backoff": 1.0}},
     "no_backoff": {"method": "guard_default", "kw": {"lr_backoff": 1.0}},
     "floor50": {"method": "guard_default", "kw": {"lr_floor": 0.5}},
     "floor12": {"method": "guard_default", "kw": {"lr_floor": 0.125}},
@@ -86,7 +86,7 @@ VARIANTS: dict[str, dict] = {
     "sigma_reparam": {"method": "sigma_reparam"},
     "qk_layernorm": {"method": "qk_layernorm"},
     "per_quorum": {"method": "guard_default", "per_quorum": True},
-    "fall0": {"method": "guard_default", "kw": {"msign_fall": 0}},
+    "fall0": {"method": "guard_default", "kw": {"alarm_fall_steps": 0}},
     "fresh": {"method": "guard_default", "fresh_alarm": True},
     "fresh25": {"method": "guard_default", "fresh_alarm": True, "kw": {"lr_backoff": 0.25}},
 }
@@ -158,7 +158,7 @@ class PerQuorumBackoff(LRBackoff):
         guard = self.guard
         treated, penalized = collapse_treated(guard.layers, guard.config, sudden=False)
         f = len(treated) / max(1, penalized)
-        k = max(1, math.floor(f / guard.config.msign_quorum + 1e-9))
+        k = max(1, math.floor(f / guard.config.alarm_quorum + 1e-9))
         scaled = max(self.floor, min(self.scale, self.factor ** k))
         if scaled < self.scale:
             self.scale, self.backoffs = scaled, self.backoffs + 1
@@ -186,14 +186,15 @@ class FreshAlarm:
         self.signs, self.at = 0, -1
 
     def __call__(self, guard) -> bool:
-        if guard.attention is not None and guard.attention.alarm(guard.config.msign_alarm):
+        factor = guard.config.alarm_attention_factor
+        if guard.attention is not None and guard.attention.alarm(factor):
             return True
         signs = sum(layer.state.msigns for layer in guard.layers)
         if signs != self.signs:
             self.signs, self.at = signs, guard.global_step
         fresh, penalized = fresh_collapses(
             guard, max(self.at, guard.global_step - guard.config.msign_every))
-        return penalized > 0 and fresh >= guard.config.msign_quorum * penalized
+        return penalized > 0 and fresh >= guard.config.alarm_quorum * penalized
 
 
 def _lr_hook(guard, factor: float, floor: float) -> None:

@@ -40,7 +40,7 @@ def test_remember_keeps_the_horizon_and_fall_steps_finds_the_latest_higher_readi
     assert fall_steps(recent, 72, 0.65) == -1                     # nothing >= 0.95 kept
     assert fall_steps(recent, 72, float("nan")) == -1
     assert fell_suddenly(42, 60) and not fell_suddenly(61, 60) and not fell_suddenly(-1, 60)
-    assert fell_suddenly(-1, 0) and fell_suddenly(500, 0)        # msign_fall=0: any layer
+    assert fell_suddenly(-1, 0) and fell_suddenly(500, 0)        # alarm_fall_steps=0: any layer
     # a treatment: the fall is looked for until found, kept, and forgotten when it ends
     recent, fall = [(0, 1.0)], -1
     recent, fall = update_fall(recent, fall, 10, 0.75, True, 60)   # 1.0 >= 1.05? no
@@ -107,18 +107,18 @@ def _collapse(over: int, bottom: float = 0.2, steps: int = 320, **kw) -> dict:
 
 
 def test_a_sudden_collapse_of_a_quorum_raises_the_alarm_a_slow_one_does_not():
-    sudden = _collapse(over=20, msign_depth=None)   # the fall alone
+    sudden = _collapse(over=20, alarm_depth=None)   # the fall alone
     assert sudden["msigns"] > 0 and sudden["lr_scale"] < 1.0
     assert all(0 <= row["collapse_fall"] <= 60 for row in sudden["rows"])
-    slow = _collapse(over=300, msign_depth=None)   # 0.3 of retention lost in 112 steps
+    slow = _collapse(over=300, alarm_depth=None)   # 0.3 of retention lost in 112 steps
     assert all(row["lambda_collapse"] > 0 for row in slow["rows"])   # treated for collapse
     assert all(row["collapse_fall"] == -1 for row in slow["rows"])   # ... after a slow fall
     assert slow["msigns"] == 0                                       # no alarm, no sign
     assert slow["lr_scale"] < 1.0      # the graded back-off follows the treated fraction
-    off = {"msign_depth": None}
+    off = {"alarm_depth": None}
     assert _collapse(over=300, lr_policy="alarm", **off)["lr_scale"] == 1.0   # the alarm's: not
     assert _collapse(over=300, lr_count="sudden", **off)["lr_scale"] == 1.0   # nor sudden-only
-    old_rule = _collapse(over=300, msign_fall=0, **off)              # any treated layer
+    old_rule = _collapse(over=300, alarm_fall_steps=0, **off)              # any treated layer
     assert old_rule["msigns"] > 0
 
 
@@ -139,7 +139,7 @@ def test_collapse_depth_is_the_deepest_relative_floor_severity():
         pytest.approx(0.1)
     assert collapse_depth(Readings(effective_rank_retention=0.1), {}) == 0.0
     # the default limit 0.15 at the default floor 0.5: retention 0.425 counts, 0.43 does not
-    assert GuardConfig().msign_depth == pytest.approx(0.15)
+    assert GuardConfig().alarm_depth == pytest.approx(0.15)
     assert collapsed_deep(collapse_depth(Readings(effective_rank_retention=0.425), floor), 0.15)
     assert not collapsed_deep(collapse_depth(Readings(effective_rank_retention=0.43), floor),
                               0.15)
@@ -169,37 +169,37 @@ def test_a_slow_drift_just_under_the_floor_is_treated_but_raises_no_alarm():
     assert all(row["collapse_depth"] == pytest.approx(0.1, abs=1e-3) for row in drift["rows"])
     assert all(row["collapse_fall"] == -1 for row in drift["rows"])
     assert drift["msigns"] == 0                                       # no alarm, no sign
-    assert _collapse(over=280, bottom=0.45, msign_depth=0.05)["msigns"] > 0
-    assert _collapse(over=280, bottom=0.45, msign_depth=0.0)["msigns"] > 0   # any layer
+    assert _collapse(over=280, bottom=0.45, alarm_depth=0.05)["msigns"] > 0
+    assert _collapse(over=280, bottom=0.45, alarm_depth=0.0)["msigns"] > 0   # any layer
 
 
 def test_the_alarm_fires_with_a_layer_checked_every_50_or_100_steps():
     with warnings.catch_warnings():
-        warnings.simplefilter("error")   # 50 < msign_fall: no warning
+        warnings.simplefilter("error")   # 50 < alarm_fall_steps: no warning
         coarse = _collapse(over=20, every=50)
     assert coarse["period"] == 50
     # checks at steps 0, 50, ...: step 50's reads 0.2 (depth 0.6), applied at step 51
     assert coarse["msigns"] > 0 and 51 <= coarse["signed_at"] <= 51 + 5
-    with pytest.warns(UserWarning, match="only layers collapsed msign_depth=0.15"):
+    with pytest.warns(UserWarning, match="only layers collapsed alarm_depth=0.15"):
         blind = _collapse(over=20, every=100)   # no fall can be seen: the depth counts
     assert blind["period"] == 100 and blind["msigns"] > 0
     with pytest.warns(UserWarning, match="only its attention half"):
-        assert _collapse(over=20, every=100, msign_depth=None)["msigns"] == 0
+        assert _collapse(over=20, every=100, alarm_depth=None)["msigns"] == 0
 
 
-def test_msign_fall_and_msign_depth_are_checked():
-    for bad in ({"msign_fall": -1}, {"msign_depth": 1.0}, {"msign_depth": -0.1},
-                {"msign_depth": True}, {"msign_depth": "0.1"}):
+def test_alarm_fall_steps_and_alarm_depth_are_checked():
+    for bad in ({"alarm_fall_steps": -1}, {"alarm_depth": 1.0}, {"alarm_depth": -0.1},
+                {"alarm_depth": True}, {"alarm_depth": "0.1"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             spectral_guard.instrument(seeded_model(0, n_layers=1, d=32, seq=16), **bad)
 
 
-def test_a_check_period_longer_than_msign_fall_is_announced():
+def test_a_check_period_longer_than_alarm_fall_steps_is_announced():
     model = seeded_model(0, n_layers=1, d=32, seq=16)
     with pytest.warns(UserWarning, match="checked every 100 steps"):
         spectral_guard.instrument(model, ratio=0.01, attention=False).remove()
-    quiet = [{"ratio": 0.01, "msign_fall": 0}, {"ratio": 0.01, "msign_every": 0},
-             {"ratio": 0.01, "msign_fall": 100}, {}]   # {}: the defaults, every 20 steps
+    quiet = [{"ratio": 0.01, "alarm_fall_steps": 0}, {"ratio": 0.01, "msign_every": 0},
+             {"ratio": 0.01, "alarm_fall_steps": 100}, {}]   # {}: the defaults, every 20 steps
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for kw in quiet:
@@ -210,14 +210,41 @@ def test_a_state_saved_before_the_depth_count_loads_and_says_so():
     model = seeded_model(0, n_layers=1, d=32, seq=16)
     guard = spectral_guard.instrument(model, attention=False)
     state = guard.state_dict()
-    assert state["config"]["msign_depth"] == pytest.approx(0.15)
+    assert state["config"]["alarm_depth"] == pytest.approx(0.15)
     guard.load_state_dict(state)   # the same settings: silent
-    del state["config"]["msign_depth"]   # as saved before the depth count existed
-    with pytest.warns(UserWarning, match=r"msign_depth None -> 0.15"):
+    del state["config"]["alarm_depth"]   # as saved before the depth count existed
+    with pytest.warns(UserWarning, match=r"alarm_depth None -> 0.15"):
         guard.load_state_dict(state)
     guard.remove()
-    same = spectral_guard.instrument(model, attention=False, msign_depth=None)
+    same = spectral_guard.instrument(model, attention=False, alarm_depth=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same.load_state_dict(state)   # saved without the depth count, loaded without it
     same.remove()
+
+
+def test_the_alarms_former_names_still_work_and_old_states_load():
+    from spectral_guard.guard.config import RENAMED
+
+    with pytest.warns(DeprecationWarning, match="msign_quorum is now alarm_quorum"):
+        cfg = GuardConfig(msign_quorum=0.2, msign_depth=None)
+    assert (cfg.alarm_quorum, cfg.alarm_depth) == (0.2, None)
+    with pytest.warns(DeprecationWarning, match="msign_fall is now alarm_fall_steps"):
+        assert cfg.with_overrides(msign_fall=30).alarm_fall_steps == 30
+    with pytest.raises(ValueError, match="alarm_quorum"):   # validated under the new name
+        with pytest.warns(DeprecationWarning):
+            GuardConfig(msign_quorum=2.0)
+    model = seeded_model(0, n_layers=1, d=32, seq=16)
+    with pytest.warns(DeprecationWarning, match="msign_alarm is now alarm_attention_factor"):
+        guard = spectral_guard.instrument(model, attention=False, msign_alarm=3.0)
+    assert guard.config.alarm_attention_factor == 3.0
+    state = guard.state_dict()
+    for old, new in RENAMED.items():   # a state saved under the former names
+        state["config"][old] = state["config"].pop(new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # same settings under the old names: silent
+        guard.load_state_dict(state)
+    state["config"]["msign_quorum"] = 0.3
+    with pytest.warns(UserWarning, match=r"alarm_quorum 0.3 -> 0.15"):
+        guard.load_state_dict(state)
+    guard.remove()

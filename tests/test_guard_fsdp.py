@@ -231,7 +231,7 @@ def _worker(rank: int, world: int, rdv: str, out_dir: str) -> None:
 
 
 def _alarmed_sign(world: int) -> dict[str, float]:
-    """Every layer treated for collapse (a retention floor no layer meets; ``msign_fall=0``:
+    """Every layer treated for collapse (a retention floor no layer meets; ``alarm_fall_steps=0``:
     counted however it fell) raises the alarm at each step (``msign_every=1``): unsharded, the
     fresh layers are signed and the learning rate backs off; sharded, the sign skips the shards
     and so the back-off does not act either."""
@@ -241,7 +241,7 @@ def _alarmed_sign(world: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = MLP()
     guard = spectral_guard.instrument(
-        model, ratio=1.0, msign_every=1, attention=False, msign_fall=0,   # no fall needed
+        model, ratio=1.0, msign_every=1, attention=False, alarm_fall_steps=0,   # no fall needed
         thresholds=Thresholds(Rule(effective_rank_retention_min=2.0)),
         lr_policy="alarm")   # the back-off driven by the sign (the graded one reads host state)
     if world > 1:

@@ -247,18 +247,18 @@ def test_the_alarm_needs_the_attention_scale_past_msign_alarm_times_the_target()
     # the same run with a lower alarm factor signs
     model = _model()
     guard = spectral_guard.instrument(model, msign_every=2, attention_max_scale=scale / 1.5,
-                                      msign_alarm=1.2)
+                                      alarm_attention_factor=1.2)
     _train(model, 4)
     assert guard.metrics()["msigns"] > 0
-    with pytest.raises(ValueError, match="msign_alarm"):
-        spectral_guard.instrument(_model(), msign_alarm=0.5)
+    with pytest.raises(ValueError, match="alarm_attention_factor"):
+        spectral_guard.instrument(_model(), alarm_attention_factor=0.5)
 
 
 def test_a_quorum_of_collapsing_layers_raises_the_alarm():
     def collapsed_run(n_collapsed: int, quorum: float) -> dict:
         model = _model()
         guard = spectral_guard.instrument(model, ratio=1.0, attention=False, msign_every=2,
-                                          msign_quorum=quorum)
+                                          alarm_quorum=quorum)
         names = [n for n, r in guard.stats()["layers"].items() if r["penalized"]]
         for name in names[:n_collapsed]:   # collapse after the (fresh) baselines were taken
             W = guard.by_name[name].weight
@@ -276,8 +276,8 @@ def test_a_quorum_of_collapsing_layers_raises_the_alarm():
     assert many["stats"]["totals"]["treated_layers"] >= total // 2
     rows = many["stats"]["layers"]
     assert all(rows[n]["msigns"] >= 1 for n in many["names"])   # every fresh layer is signed
-    with pytest.raises(ValueError, match="msign_quorum"):
-        spectral_guard.instrument(_model(), msign_quorum=0.0)
+    with pytest.raises(ValueError, match="alarm_quorum"):
+        spectral_guard.instrument(_model(), alarm_quorum=0.0)
 
 
 def test_resume_carries_the_latched_alarm_bit_for_bit():

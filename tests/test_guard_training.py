@@ -38,7 +38,7 @@ def _run(shock: float, **overrides) -> dict:
 def runs() -> dict[str, dict]:
     # "stressed" without the periodic matrix sign: what the sensors and the thermostat see
     return {"healthy": _run(1.0), "stressed": _run(30.0, msign_every=0),
-            "stressed_signed": _run(30.0, msign_alarm=1.0)}
+            "stressed_signed": _run(30.0, alarm_attention_factor=1.0)}
 
 
 def test_healthy_training_triggers_no_interventions(runs):
@@ -52,7 +52,7 @@ def test_healthy_training_triggers_no_interventions(runs):
 
 def test_stressed_training_with_the_alarm_raised_gets_the_matrix_sign_and_keeps_its_rank(runs):
     # this small run's attention scale passes its target but not twice it (the default
-    # alarm): msign_alarm=1 raises the alarm at the target
+    # alarm): alarm_attention_factor=1 raises the alarm at the target
     signed, unsigned = runs["stressed_signed"], runs["stressed"]
     assert signed["totals"]["msigns"] > 0
 

@@ -3,30 +3,30 @@
 The alarm gates the matrix sign (:mod:`.msign`) and the learning-rate back-off
 (:mod:`.backoff`). It is raised at a step when either
 
-* **a quorum of layers collapsed suddenly or deep**: at least ``msign_quorum`` of the penalized
+* **a quorum of layers collapsed suddenly or deep**: at least ``alarm_quorum`` of the penalized
   layers are treated for collapse, and each of them either
 
   - *fell*: at some check of that treatment it had lost at least :data:`FALL_DEPTH` of
-    effective-rank retention within the last ``msign_fall`` optimizer steps (the steps since
+    effective-rank retention within the last ``alarm_fall_steps`` optimizer steps (the steps since
     its latest reading at least ``FALL_DEPTH`` above that check's; the baseline reads 1), or
   - *is deep*: its latest relative collapse reading ``x`` (effective-rank or stable-rank
-    retention) is at least ``msign_depth`` below that sensor's floor ``t`` as the thermostat's
-    severity, ``1 - x / t >= msign_depth`` (:func:`collapse_depth`); or
+    retention) is at least ``alarm_depth`` below that sensor's floor ``t`` as the thermostat's
+    severity, ``1 - x / t >= alarm_depth`` (:func:`collapse_depth`); or
 
-* an attention pair's latest scale is over ``msign_alarm`` times its target.
+* an attention pair's latest scale is over ``alarm_attention_factor`` times its target.
 
 The law's two ways of counting a layer: the fall is a time, in optimizer steps, so it sees a
-collapse only where a layer is checked more often than ``msign_fall`` steps and judges it by
+collapse only where a layer is checked more often than ``alarm_fall_steps`` steps and judges it by
 how fast it came; the depth counts no time, so it reads the same at any run length, check
 period or schedule, and sees only collapses far below the floor. Healthy training lowers the
 effective rank of some layers too (the query and key projections first), slowly and, over long
 runs, a little below the floor; a learning rate too high drives many layers down fast, and far.
 What each count caught and missed, on which models, runs and check periods: docs/efficacy.md
-(issue 18). ``msign_fall=0`` or ``msign_depth=0`` counts every layer treated for collapse;
-``msign_depth=None`` turns the depth count off (the rule before issue 18).
+(issue 18). ``alarm_fall_steps=0`` or ``alarm_depth=0`` counts every layer treated for collapse;
+``alarm_depth=None`` turns the depth count off (the rule before issue 18).
 
 Host values only: the fall is tracked per layer from the readings the checks deliver (a layer
-keeps the readings of the last ``msign_fall`` steps), the depth is its latest reading.
+keeps the readings of the last ``alarm_fall_steps`` steps), the depth is its latest reading.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .sensors import RELATIVE
 from .thermostat import floor_severity
 
 FALL_DEPTH = 0.3
-"""Effective-rank retention a sudden collapse loses within ``msign_fall`` steps."""
+"""Effective-rank retention a sudden collapse loses within ``alarm_fall_steps`` steps."""
 
 Reading = tuple[int, float]
 """``(step, effective-rank retention)`` of one check."""

@@ -5,7 +5,7 @@ group, during ``optimizer.step()`` only). Two policies set ``s`` (``GuardConfig.
 
 ``"graded"`` (the default): at every applied check, with ``f`` the fraction of penalized
 layers treated for collapse now, not counting the first ``lr_grace`` of them, and ``q`` the
-alarm's quorum (``msign_quorum``)::
+alarm's quorum (``alarm_quorum``)::
 
     s* = max(floor, factor ** (f / q))       target (factor = lr_backoff = 0.5: s* = 2^(-f/q))
     s  <- s*                                  when s* < s (down at once)

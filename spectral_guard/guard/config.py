@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from dataclasses import dataclass, fields, replace
+import warnings
+from dataclasses import InitVar, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,13 +21,24 @@ Actuator = Literal["spectral", "l2", "msign"]
 DEFAULT_LAMBDA_BASE = {"spectral": 0.05, "l2": 1e-4, "msign": 0.05}
 
 
+RENAMED = {"msign_quorum": "alarm_quorum", "msign_alarm": "alarm_attention_factor",
+           "msign_fall": "alarm_fall_steps", "msign_depth": "alarm_depth"}
+"""Former names of the alarm's fields (issue 18): accepted by :class:`GuardConfig`,
+``instrument(model, ...)`` and saved guard states, with a ``DeprecationWarning``."""
+
+_UNSET: Any = object()
+
+
 @dataclass(frozen=True)
 class GuardConfig:
-    """Configuration of the training-time guard (see ``docs/guard.md``).
+    """Configuration of the training-time guard, one group per concern (docs/guard.md says why
+    each default is what it is, with its measurements: docs/efficacy.md, docs/calibration.md).
 
-    Sampling
-      ratio           fraction of guarded layers visited by one check (``ceil(ratio * L)``)
-      every           run a check every ``every`` optimizer steps
+    Sampling: each check visits ``ceil(ratio * L)`` of the ``L`` guarded layers, one check
+    every ``every`` optimizer steps, so a layer is read every ``every * ceil(1 / ratio)`` steps
+    (:attr:`check_period`; 20 at the defaults, the smallest tier of ``auto_calibrate``)
+      ratio           fraction of guarded layers visited by one check
+      every           optimizer steps between checks
       seed            seeds the schedule, biopsies and power-iteration starts (no global RNG)
     Sensors
       sensors         which sensors drive the thermostat (subset of :data:`SENSORS`)
@@ -44,46 +56,41 @@ class GuardConfig:
                       or ``"msign"`` (a layer flagged for collapse has its weight replaced after
                       the optimizer step by its Frobenius-norm-preserving matrix sign,
                       ``guard/msign.py``; conditioning keeps the spectral term)
+      lambda_base     ``None``: the actuator's default (:data:`DEFAULT_LAMBDA_BASE`)
+      gain, decay, lambda_floor   the thermostat's law above
+    Matrix sign (``guard/msign.py``, ``guard/signs.py``)
       msign_every     ``0`` (off) or ``N``: every ``N`` optimizer steps, the matrix sign of the
                       layers chosen by ``msign_gate`` (MSign's periodic schedule, arXiv
-                      2602.01734; with any actuator; chosen by bench/efficacy.py)
-      msign_gate      ``"alarm"``: only at steps when the guard's alarm is raised (below), and
-                      only layers that looked randomly initialized when instrumented (a
-                      pretrained layer is never signed); ``"always"``: every penalized layer at
-                      every multiple of ``msign_every``
-      msign_quorum    the alarm, first half (``guard/alarm.py``): at least this fraction of
-                      the penalized layers treated for collapse at once, each fallen suddenly
-                      or collapsed deep
-                      (the signature of a too-high learning rate in bench/efficacy.py; 0.10
-                      signed a healthy run, 0.25 helped less at the highest LR)
-      msign_fall      a layer counts toward the quorum only if, at some check of its
-                      treatment for collapse, it had lost 0.3 of effective-rank retention
-                      within this many optimizer steps (7-36 at too-high LRs, 120-290 in
-                      healthy runs, in bench/efficacy.py's 600-step schedule; ``0``: any layer
-                      treated for collapse counts, which signed healthy 1200-step runs)
-      msign_depth     ... or if its latest relative collapse reading is at least this far
-                      below its floor, as the thermostat's severity ``1 - x / t`` (0.15:
-                      effective-rank retention <= 0.425 at the default floor 0.5); no time in
-                      it, so it counts at any check period; ``None``: off, ``0``: any layer
-      msign_alarm     the alarm, second half: an attention pair's latest scale over this
-                      factor times its target
+                      2602.01734)
+      msign_gate      ``"alarm"``: only while the alarm is raised, and only layers that looked
+                      randomly initialized when instrumented (a pretrained layer is never
+                      signed); ``"always"``: every penalized layer at every multiple of
+                      ``msign_every``
+    Alarm (``guard/alarm.py``): raised when at least ``alarm_quorum`` of the penalized layers
+      are treated for collapse at once, each fallen suddenly or collapsed deep, or when an
+      attention pair's scale is over ``alarm_attention_factor`` times its target
+      alarm_quorum            the fraction of penalized layers
+      alarm_fall_steps        a layer fell suddenly if it lost 0.3 of effective-rank retention
+                              within this many optimizer steps (``0``: any treated layer counts)
+      alarm_depth             a layer is collapsed deep if its latest relative collapse reading
+                              ``x`` is this far below its floor ``t``: ``1 - x / t >= depth``
+                              (no time in it: counts at any check period; ``None``: off,
+                              ``0``: any treated layer counts)
+      alarm_attention_factor  the attention half's factor over the pair's target
     Learning-rate back-off (``guard/backoff.py``: every param group's ``lr`` scaled during
       ``optimizer.step()`` only)
       lr_policy       ``"graded"``: the scale follows the fraction ``f`` of penalized layers
-                      treated for collapse, ``max(lr_floor, lr_backoff ** (f / msign_quorum))``,
-                      down at once, doubling back at most once per ``lr_recovery`` check periods;
-                      ``"alarm"``: scaled by ``lr_backoff`` more at each step where the alarm
-                      signs layers, never rising again (the policy before issue 18)
+                      treated for collapse beyond ``lr_grace``, ``max(lr_floor, lr_backoff **
+                      (f / alarm_quorum))``, down at once, doubling back at most once per
+                      ``lr_recovery`` check periods; ``"alarm"``: scaled by ``lr_backoff`` more
+                      at each step where the alarm signs layers, never rising again
       lr_backoff      the scale at the quorum (``"graded"``) or per alarm (``"alarm"``);
                       ``1.0``: the back-off is off
       lr_floor        the smallest scale the back-off reaches
       lr_recovery     ``"graded"``: check periods of a layer per doubling back (``0``: never)
-      lr_grace        ``"graded"``: this many treated layers are not counted in ``f`` (healthy
-                      300-step runs of bench/band_probe.py had up to 2 of 24 layers treated,
-                      4x the LR 3 to 13: docs/efficacy.md)
+      lr_grace        ``"graded"``: this many treated layers are not counted in ``f``
       lr_count        ``"graded"``: which layers ``f`` counts: ``"treated"`` (every layer
-                      treated for collapse) or ``"sudden"`` (only those fallen within
-                      ``msign_fall`` steps, the alarm's quorum rule)
+                      treated for collapse) or ``"sudden"`` (those the alarm's quorum counts)
     Selection (``guard/select.py``): an ``nn.Linear`` with a 2-D weight, both sides >= 2
       include         ``None`` (every candidate) or regexes: a module path must match one
       exclude         regexes: a module path matching one is skipped (``guard.skipped``)
@@ -97,10 +104,9 @@ class GuardConfig:
                       only :meth:`Guard.step` advances
     Attention logits (``guard/attention.py``): per head ``s_h = sigma_max(W_q,h^T W_k,h) /
       sqrt(d_h)`` of each query-key pair, checked on the same schedule
-      attention           enable the attention-logit guard (on by default: docs/efficacy.md)
+      attention           enable the attention-logit guard
       attention_actuator  ``"penalty"`` (thermostat-driven hinge ``lambda sum_h
-                          relu(s_h / t - 1)^2``; the default, chosen by ``bench/efficacy.py``,
-                          see docs/efficacy.md) or ``"rescale"`` (post-step scaling of the
+                          relu(s_h / t - 1)^2``) or ``"rescale"`` (post-step scaling of the
                           offending heads' W_q and W_k rows to ``s_h = t``, like QK-Clip)
       attention_max_scale target ``t`` on ``s_h``; ``None``: ``max(64 / n, 1.5 s_0)`` (``n``
                           the input width: a bound of 64 on the logit of unit-RMS inputs;
@@ -109,47 +115,67 @@ class GuardConfig:
       attention_pairs     ``None`` (find pairs by name patterns) or explicit
                           ``(q_module, k_module[, n_heads])`` tuples (the same name twice: a
                           fused ``[q; k; v]`` projection)
+
+    The alarm's former names (:data:`RENAMED`: ``msign_quorum``, ``msign_alarm``,
+    ``msign_fall``, ``msign_depth``) are accepted as keywords, with a ``DeprecationWarning``.
     """
 
+    # sampling
     ratio: float = 0.05
     every: int = 1
     seed: int = 0
+    # sensors
     sensors: tuple[str, ...] = ("effective_rank",)
     biopsy_limit: int = 192
     power_iters: int = 1
     fiedler_rows: int = 64
     thresholds: Thresholds | str | Path | None = None
     collapse_rule: bool = True
+    # thermostat
     actuator: Actuator = "spectral"
-    msign_every: int = 10
-    msign_gate: Literal["alarm", "always"] = "alarm"
-    msign_quorum: float = 0.15
-    msign_alarm: float = 2.0
-    msign_fall: int = 60
-    msign_depth: float | None = 0.15
-    lr_backoff: float = 0.5
-    lr_floor: float = 0.25
-    lr_policy: Literal["graded", "alarm"] = "graded"
-    lr_recovery: float = 25.0
-    lr_grace: int = 2
-    lr_count: Literal["treated", "sudden"] = "treated"
     lambda_base: float | None = None
     gain: float = 4.0
     decay: float = 0.5
     lambda_floor: float = 0.01
+    # matrix sign
+    msign_every: int = 10
+    msign_gate: Literal["alarm", "always"] = "alarm"
+    # alarm
+    alarm_quorum: float = 0.15
+    alarm_fall_steps: int = 60
+    alarm_depth: float | None = 0.15
+    alarm_attention_factor: float = 2.0
+    # learning-rate back-off
+    lr_policy: Literal["graded", "alarm"] = "graded"
+    lr_backoff: float = 0.5
+    lr_floor: float = 0.25
+    lr_recovery: float = 25.0
+    lr_grace: int = 2
+    lr_count: Literal["treated", "sudden"] = "treated"
+    # selection
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     watch_unguarded: bool = False
+    # integration
     auto_loss: bool = True
     history: int = 10_000
     step_on: Literal["optimizer", "manual"] = "optimizer"
+    # attention logits
     attention: bool = True
     attention_actuator: Literal["penalty", "rescale"] = "penalty"
     attention_max_scale: float | None = None
     attention_lambda: float = 0.1
     attention_pairs: tuple[tuple[Any, ...], ...] | None = None
+    # former names (RENAMED): init-only, mapped in __post_init__
+    msign_quorum: InitVar[Any] = _UNSET
+    msign_alarm: InitVar[Any] = _UNSET
+    msign_fall: InitVar[Any] = _UNSET
+    msign_depth: InitVar[Any] = _UNSET
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, msign_quorum: Any = _UNSET, msign_alarm: Any = _UNSET,
+                      msign_fall: Any = _UNSET, msign_depth: Any = _UNSET) -> None:
+        self._take_former_names({"msign_quorum": msign_quorum, "msign_alarm": msign_alarm,
+                                 "msign_fall": msign_fall, "msign_depth": msign_depth})
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
         if self.every < 1:
@@ -162,10 +188,11 @@ class GuardConfig:
                              f"{self.actuator!r}")
         if self.msign_gate not in ("alarm", "always"):
             raise ValueError(f"msign_gate must be 'alarm' or 'always', got {self.msign_gate!r}")
-        if not 0.0 < self.msign_quorum <= 1.0:
-            raise ValueError(f"msign_quorum must be in (0, 1], got {self.msign_quorum}")
-        if not self.msign_alarm >= 1.0:
-            raise ValueError(f"msign_alarm must be >= 1, got {self.msign_alarm}")
+        if not 0.0 < self.alarm_quorum <= 1.0:
+            raise ValueError(f"alarm_quorum must be in (0, 1], got {self.alarm_quorum}")
+        if not self.alarm_attention_factor >= 1.0:
+            raise ValueError("alarm_attention_factor must be >= 1, got "
+                             f"{self.alarm_attention_factor}")
         if not 0.0 < self.lr_backoff <= 1.0:
             raise ValueError(f"lr_backoff must be in (0, 1] (1: off), got {self.lr_backoff}")
         if not 0.0 < self.lr_floor <= 1.0:
@@ -178,12 +205,13 @@ class GuardConfig:
             raise ValueError(f"lr_count must be 'treated' or 'sudden', got {self.lr_count!r}")
         if self.lr_grace < 0:
             raise ValueError(f"lr_grace must be >= 0, got {self.lr_grace}")
-        if self.msign_fall < 0:
-            raise ValueError(f"msign_fall must be >= 0 (0: any fall), got {self.msign_fall}")
-        depth = self.msign_depth
+        if self.alarm_fall_steps < 0:
+            raise ValueError("alarm_fall_steps must be >= 0 (0: any fall), got "
+                             f"{self.alarm_fall_steps}")
+        depth = self.alarm_depth
         if depth is not None and (isinstance(depth, bool) or not isinstance(depth, numbers.Real)
                                   or not 0.0 <= depth < 1.0):
-            raise ValueError(f"msign_depth must be in [0, 1) or None (off), got {depth!r}")
+            raise ValueError(f"alarm_depth must be in [0, 1) or None (off), got {depth!r}")
         if self.msign_every < 0:
             raise ValueError(f"msign_every must be >= 0 (0: off), got {self.msign_every}")
         if self.step_on not in ("optimizer", "manual"):
@@ -212,6 +240,15 @@ class GuardConfig:
             object.__setattr__(self, "include", tuple(self.include))
         self._validate_rest()
 
+    def _take_former_names(self, given: dict[str, Any]) -> None:
+        """Map the alarm's former field names onto the new ones (a DeprecationWarning each)."""
+        for old, value in given.items():
+            if value is _UNSET:
+                continue
+            new = RENAMED[old]
+            warnings.warn(f"GuardConfig: {old} is now {new}", DeprecationWarning, stacklevel=4)
+            object.__setattr__(self, new, value)
+
     def _validate_rest(self) -> None:
         """The fields the checks above leave out: one-line errors."""
         def number(name: str, ok: bool, want: str) -> None:
@@ -231,7 +268,7 @@ class GuardConfig:
         if self.lambda_base is not None:
             number("lambda_base", self.lambda_base >= 0, ">= 0 or None (the actuator's default)")
         for name in ("every", "history", "biopsy_limit", "power_iters", "msign_every",
-                     "msign_fall", "lr_grace"):
+                     "alarm_fall_steps", "lr_grace"):
             number(name, isinstance(getattr(self, name), numbers.Integral), "an int")
         for name in ("collapse_rule", "watch_unguarded", "auto_loss", "attention"):
             flag(name)
@@ -249,10 +286,10 @@ class GuardConfig:
 
     @property
     def sees_falls(self) -> bool:
-        """Can the alarm see a layer fall within ``msign_fall`` steps (guard/alarm.py)? Not
+        """Can the alarm see a layer fall within ``alarm_fall_steps`` steps (guard/alarm.py)? Not
         when a layer is checked less often than that (the depth count still sees it)."""
         return not (self.msign_every and self.msign_gate == "alarm"
-                    and 0 < self.msign_fall < self.check_period)
+                    and 0 < self.alarm_fall_steps < self.check_period)
 
     @property
     def base(self) -> float:
@@ -267,6 +304,10 @@ class GuardConfig:
         return load_thresholds(self.thresholds)
 
     def with_overrides(self, **overrides: Any) -> GuardConfig:
+        for old in set(overrides) & set(RENAMED):
+            warnings.warn(f"GuardConfig: {old} is now {RENAMED[old]}", DeprecationWarning,
+                          stacklevel=3)
+            overrides[RENAMED[old]] = overrides.pop(old)
         known = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:

@@ -88,7 +88,7 @@ class LayerChecks:
             state = layer.state
             state.baseline = None if m.error or m.nonfinite_entries else \
                 baseline_from(m.readings)
-            state.recent_retention = remember([], step, 1.0, self.config.msign_fall)
+            state.recent_retention = remember([], step, 1.0, self.config.alarm_fall_steps)
             state.random_init = state.baseline is not None and looks_random_init(
                 m.readings.stable_rank, m.readings.effective_rank,
                 layer.probe.biopsy_shape(tuple(layer.weight.shape)))
@@ -144,7 +144,7 @@ class LayerChecks:
             return
         if st.baseline is None:
             st.baseline = baseline_from(m.readings)  # deferred: the layer just became non-zero
-            st.recent_retention = remember([], step, 1.0, self.config.msign_fall)
+            st.recent_retention = remember([], step, 1.0, self.config.alarm_fall_steps)
         st.readings = relative(m.readings, st.baseline)
         verdict = judge(st.readings, layer.sensors, layer.rule, layer.min_dim,
                         self.config.collapse_rule)
@@ -154,7 +154,7 @@ class LayerChecks:
         st.lambdas = update_lambdas(st.lambdas, verdict, self.law)
         st.recent_retention, st.collapse_fall = update_fall(
             st.recent_retention, st.collapse_fall, step, st.readings.effective_rank_retention,
-            st.lambdas["collapse"] > 0, self.config.msign_fall)
+            st.lambdas["collapse"] > 0, self.config.alarm_fall_steps)
         st.interventions += int(verdict.fired)
         if self.config.actuator == "msign" and verdict.triggered["collapse"]:
             self.collapse_flagged.append(layer)

@@ -11,7 +11,7 @@ import warnings
 from typing import Any
 
 from .check import Readings
-from .config import GuardConfig
+from .config import RENAMED, GuardConfig
 from .cycle import NAME
 from .install import GuardedLayer
 from .state import LayerState
@@ -25,9 +25,10 @@ def schedule_config(config: GuardConfig) -> dict[str, Any]:
     return {"seed": config.seed, "ratio": config.ratio, "every": config.every,
             "sensors": list(config.sensors), "biopsy_limit": config.biopsy_limit,
             "actuator": config.actuator, "msign_every": config.msign_every,
-            "msign_gate": config.msign_gate, "msign_alarm": config.msign_alarm,
-            "msign_quorum": config.msign_quorum, "msign_fall": config.msign_fall,
-            "msign_depth": config.msign_depth,
+            "msign_gate": config.msign_gate,
+            "alarm_attention_factor": config.alarm_attention_factor,
+            "alarm_quorum": config.alarm_quorum, "alarm_fall_steps": config.alarm_fall_steps,
+            "alarm_depth": config.alarm_depth,
             "lr_backoff": config.lr_backoff,
             "lr_floor": config.lr_floor, "lr_policy": config.lr_policy,
             "lr_recovery": config.lr_recovery, "lr_grace": config.lr_grace,
@@ -87,17 +88,20 @@ def check_compatible(state: Any, by_name: dict[str, GuardedLayer],
                          f"unexpected {extra[:3]}")
     saved, now = dict(state.get("config", {})), schedule_config(config)
     # states saved before the matrix sign, its fall rule and the back-off: switched off
-    off = GuardConfig(msign_every=0, lr_backoff=1.0, msign_fall=0)
-    if "msign_fall" in saved:  # saved before the depth count: the fall alone
-        saved.setdefault("msign_depth", None)
+    off = GuardConfig(msign_every=0, lr_backoff=1.0, alarm_fall_steps=0)
+    for old, new in RENAMED.items():  # saved under the alarm's former names
+        if old in saved:
+            saved.setdefault(new, saved.pop(old))
+    if "alarm_fall_steps" in saved:  # saved before the depth count: the fall alone
+        saved.setdefault("alarm_depth", None)
     if "lr_backoff" in saved:   # saved before the graded back-off: the alarm policy
         saved.setdefault("lr_policy", "alarm")
     for key, value in schedule_config(off).items():
-        if key.startswith(("msign_", "lr_")):
+        if key.startswith(("msign_", "alarm_", "lr_")):
             saved.setdefault(key, value)
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if saved.get("msign_every") == now["msign_every"] == 0:   # no sign: its gate is moot
-        changed = {k: v for k, v in changed.items() if not k.startswith("msign_")}
+        changed = {k: v for k, v in changed.items() if not k.startswith(("msign_", "alarm_"))}
     if changed:
         what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
         warnings.warn(f"guard state saved with other settings ({what}): the run will "

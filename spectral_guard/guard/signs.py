@@ -43,43 +43,43 @@ TURN_OFF = ("msign_every=0 turns the sign off, lr_backoff=1.0 the back-off "
 
 
 def warn_if_blind(config: GuardConfig) -> None:
-    """Warn when a layer is checked less often than ``msign_fall`` steps (the alarm's quorum
-    counts only layers collapsed deep then, or none with ``msign_depth=None``)."""
+    """Warn when a layer is checked less often than ``alarm_fall_steps`` steps (the alarm's quorum
+    counts only layers collapsed deep then, or none with ``alarm_depth=None``)."""
     if not config.sees_falls:
-        counted = ("only layers collapsed msign_depth="
-                   f"{config.msign_depth:g} below their floor count toward its quorum"
-                   if config.msign_depth is not None else
-                   "only its attention half can raise it (msign_depth=None)")
+        counted = ("only layers collapsed alarm_depth="
+                   f"{config.alarm_depth:g} below their floor count toward its quorum"
+                   if config.alarm_depth is not None else
+                   "only its attention half can raise it (alarm_depth=None)")
         warnings.warn(f"a layer is checked every {config.check_period} steps (every="
-                      f"{config.every}, ratio={config.ratio}), more than msign_fall="
-                      f"{config.msign_fall}: the alarm cannot see a sudden collapse, so "
-                      f"{counted}; raise ratio or msign_fall (guard/alarm.py)", stacklevel=4)
+                      f"{config.every}, ratio={config.ratio}), more than alarm_fall_steps="
+                      f"{config.alarm_fall_steps}: the alarm cannot see a sudden collapse, so "
+                      f"{counted}; raise ratio or alarm_fall_steps (guard/alarm.py)", stacklevel=4)
 
 
 def collapse_treated(layers: list[GuardedLayer], config: GuardConfig,
                      sudden: bool) -> tuple[list[GuardedLayer], int]:
     """The penalized layers treated for collapse (with ``sudden``, only those the alarm's
-    quorum counts: fallen within ``msign_fall`` steps or ``msign_depth`` deep,
+    quorum counts: fallen within ``alarm_fall_steps`` steps or ``alarm_depth`` deep,
     :func:`.alarm.counts_toward_quorum`), and how many layers are penalized."""
     penalized = [layer for layer in layers if layer.sensors]
     treated = [layer for layer in penalized
                if layer.state.treated and layer.state.lambdas["collapse"] > 0
                and (not sudden or counts_toward_quorum(
-                   layer.state.collapse_fall, config.msign_fall,
-                   collapse_depth(layer.state.readings, layer.sensors), config.msign_depth))]
+                   layer.state.collapse_fall, config.alarm_fall_steps,
+                   collapse_depth(layer.state.readings, layer.sensors), config.alarm_depth))]
     return treated, len(penalized)
 
 
 def quorum_alarm(guard: Any) -> bool:
-    """The default alarm (``guard/alarm.py``): at least ``msign_quorum`` of the penalized
-    layers treated for collapse at once, each fallen within ``msign_fall`` steps or
-    ``msign_depth`` deep, or an
-    attention pair's latest scale over ``msign_alarm`` times its target."""
+    """The default alarm (``guard/alarm.py``): at least ``alarm_quorum`` of the penalized
+    layers treated for collapse at once, each fallen within ``alarm_fall_steps`` steps or
+    ``alarm_depth`` deep, or an
+    attention pair's latest scale over ``alarm_attention_factor`` times its target."""
     config = guard.config
-    if guard.attention is not None and guard.attention.alarm(config.msign_alarm):
+    if guard.attention is not None and guard.attention.alarm(config.alarm_attention_factor):
         return True
     collapsing, penalized = collapse_treated(guard.layers, config, sudden=True)
-    return penalized > 0 and len(collapsing) >= config.msign_quorum * penalized
+    return penalized > 0 and len(collapsing) >= config.alarm_quorum * penalized
 
 
 def alarm_reason(guard: Any, alarm: Alarm) -> str:
@@ -88,16 +88,16 @@ def alarm_reason(guard: Any, alarm: Alarm) -> str:
     config = guard.config
     if alarm is not quorum_alarm:
         return f"alarm policy {getattr(alarm, '__name__', repr(alarm))}"
-    if guard.attention is not None and guard.attention.alarm(config.msign_alarm):
+    if guard.attention is not None and guard.attention.alarm(config.alarm_attention_factor):
         over = [f"{p.name} ({st.scale / st.target:.2f}x its target)"
                 for p, st in zip(guard.attention.pairs, guard.attention.states, strict=True)
-                if st.scale > config.msign_alarm * st.target]
-        return (f"attention: logit scale over msign_alarm={config.msign_alarm:g}x its target "
-                f"in {', '.join(over)}")
+                if st.scale > config.alarm_attention_factor * st.target]
+        return ("attention: logit scale over alarm_attention_factor="
+                f"{config.alarm_attention_factor:g}x its target in {', '.join(over)}")
     collapsing, penalized = collapse_treated(guard.layers, config, sudden=True)
     return (f"collapse quorum: {len(collapsing)} of {penalized} penalized layers collapsed "
-            f"suddenly or deep (msign_fall={config.msign_fall}, msign_depth="
-            f"{config.msign_depth}, quorum {config.msign_quorum:g}): "
+            f"suddenly or deep (alarm_fall_steps={config.alarm_fall_steps}, alarm_depth="
+            f"{config.alarm_depth}, quorum {config.alarm_quorum:g}): "
             f"{', '.join(layer.name for layer in collapsing)}")
 
 
@@ -154,7 +154,7 @@ class MatrixSigns:
             self.backoff.on_alarm()   # "alarm" policy: the lr is too high (backoff.py)
         treated, penalized = collapse_treated(guard.layers, self.config,
                                               sudden=self.config.lr_count == "sudden")
-        self.backoff.on_check(len(treated), penalized, self.config.msign_quorum, step,
+        self.backoff.on_check(len(treated), penalized, self.config.alarm_quorum, step,
                               self.config.check_period)
         self.announce(step, signed_by_alarm, treated, penalized)
 
