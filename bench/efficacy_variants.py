@@ -21,6 +21,8 @@ Variants (all start from ``guard_attn``: ``instrument(model, msign_every=0)``, u
   ``floor12`` (``lr_floor`` 0.5 / 0.125), ``gentle`` (``lr_backoff=0.8``), ``sticky`` (after the
   first sign, every penalized layer every 10 steps), ``every5`` (``msign_every=5``),
   ``snclip2_default`` (the defaults plus ``snclip2``);
+* ``count_sudden``: the defaults with ``lr_count="sudden"`` (the graded back-off counts only
+  the layers the alarm's quorum counts: fallen suddenly or collapsed deep);
 * ``backoff_only``: ``guard_attn`` plus a learning-rate back-off (0.5 per alarmed window of 10
   steps, floor 0.25) without the matrix sign.
 * ``recipe``, ``default``, ``sigma_reparam``, ``qk_layernorm``: the benchmark's methods
@@ -74,6 +76,7 @@ VARIANTS: dict[str, dict] = {
     "quorum15": {"method": "guard_default", "kw": {"alarm_quorum": 0.15, "lr_backoff": 1.0}},
     "quorum10": {"method": "guard_default", "kw": {"alarm_quorum": 0.10, "lr_backoff": 1.0}},
     "no_backoff": {"method": "guard_default", "kw": {"lr_backoff": 1.0}},
+    "count_sudden": {"method": "guard_default", "kw": {"lr_count": "sudden"}},
     "floor50": {"method": "guard_default", "kw": {"lr_floor": 0.5}},
     "floor12": {"method": "guard_default", "kw": {"lr_floor": 0.125}},
     "gentle": {"method": "guard_default", "kw": {"lr_backoff": 0.8}},
