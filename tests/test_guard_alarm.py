@@ -114,10 +114,11 @@ def test_a_sudden_collapse_of_a_quorum_raises_the_alarm_a_slow_one_does_not():
     assert all(row["lambda_collapse"] > 0 for row in slow["rows"])   # treated for collapse
     assert all(row["collapse_fall"] == -1 for row in slow["rows"])   # ... after a slow fall
     assert slow["msigns"] == 0                                       # no alarm, no sign
-    assert slow["lr_scale"] < 1.0      # the graded back-off follows the treated fraction
+    assert slow["lr_scale"] == 1.0     # the default back-off counts what the quorum counts
     off = {"alarm_depth": None}
+    # counting every treated layer, the graded back-off follows the slow fall too
+    assert _collapse(over=300, lr_count="treated", **off)["lr_scale"] < 1.0
     assert _collapse(over=300, lr_policy="alarm", **off)["lr_scale"] == 1.0   # the alarm's: not
-    assert _collapse(over=300, lr_count="sudden", **off)["lr_scale"] == 1.0   # nor sudden-only
     old_rule = _collapse(over=300, alarm_fall_steps=0, **off)              # any treated layer
     assert old_rule["msigns"] > 0
 

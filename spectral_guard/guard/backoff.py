@@ -4,8 +4,10 @@ The optimizer step the guard follows is scaled by ``s`` (``lr_g -> s * lr_g`` fo
 group, during ``optimizer.step()`` only). Two policies set ``s`` (``GuardConfig.lr_policy``):
 
 ``"graded"`` (the default): at every applied check, with ``f`` the fraction of penalized
-layers treated for collapse now, not counting the first ``lr_grace`` of them, and ``q`` the
-alarm's quorum (``alarm_quorum``)::
+layers collapsing now, not counting the first ``lr_grace`` of them (``lr_count="sudden"``, the
+default: the layers the alarm's quorum counts, fallen suddenly or collapsed deep;
+``"treated"``: every layer treated for collapse), and ``q`` the alarm's quorum
+(``alarm_quorum``)::
 
     s* = max(floor, factor ** (f / q))       target (factor = lr_backoff = 0.5: s* = 2^(-f/q))
     s  <- s*                                  when s* < s (down at once)

@@ -80,7 +80,7 @@ class GuardConfig:
     Learning-rate back-off (``guard/backoff.py``: every param group's ``lr`` scaled during
       ``optimizer.step()`` only)
       lr_policy       ``"graded"``: the scale follows the fraction ``f`` of penalized layers
-                      treated for collapse beyond ``lr_grace``, ``max(lr_floor, lr_backoff **
+                      collapsing (``lr_count``) beyond ``lr_grace``, ``max(lr_floor, lr_backoff **
                       (f / alarm_quorum))``, down at once, doubling back at most once per
                       ``lr_recovery`` check periods; ``"alarm"``: scaled by ``lr_backoff`` more
                       at each step where the alarm signs layers, never rising again
@@ -89,8 +89,9 @@ class GuardConfig:
       lr_floor        the smallest scale the back-off reaches
       lr_recovery     ``"graded"``: check periods of a layer per doubling back (``0``: never)
       lr_grace        ``"graded"``: this many treated layers are not counted in ``f``
-      lr_count        ``"graded"``: which layers ``f`` counts: ``"treated"`` (every layer
-                      treated for collapse) or ``"sudden"`` (those the alarm's quorum counts)
+      lr_count        ``"graded"``: which layers ``f`` counts: ``"sudden"`` (those the alarm's
+                      quorum counts: fallen suddenly or collapsed deep) or ``"treated"`` (every
+                      layer treated for collapse, slow healthy drift included)
     Selection (``guard/select.py``): an ``nn.Linear`` with a 2-D weight, both sides >= 2
       include         ``None`` (every candidate) or regexes: a module path must match one
       exclude         regexes: a module path matching one is skipped (``guard.skipped``)
@@ -151,7 +152,7 @@ class GuardConfig:
     lr_floor: float = 0.25
     lr_recovery: float = 25.0
     lr_grace: int = 2
-    lr_count: Literal["treated", "sudden"] = "treated"
+    lr_count: Literal["treated", "sudden"] = "sudden"
     # selection
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()

@@ -96,6 +96,8 @@ def check_compatible(state: Any, by_name: dict[str, GuardedLayer],
         saved.setdefault("alarm_depth", None)
     if "lr_backoff" in saved:   # saved before the graded back-off: the alarm policy
         saved.setdefault("lr_policy", "alarm")
+    if "lr_policy" in saved:    # saved before lr_count: the graded law counted every layer
+        saved.setdefault("lr_count", "treated")
     for key, value in schedule_config(off).items():
         if key.startswith(("msign_", "alarm_", "lr_")):
             saved.setdefault(key, value)
