@@ -538,39 +538,45 @@ def count_nonfinite(W: Tensor, chunk_rows: int = 4096) -> tuple[int, int]:
     return nan, inf
 
 
+def _unit_rows(S: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``S`` (or of each matrix of a stack) scaled to unit norm, zero rows left zero,
+    and the mask of non-zero rows."""
+    norms = S.norm(dim=-1, keepdim=True)
+    live = norms > 0
+    return S / torch.where(live, norms, 1.0), live[..., 0]
+
+
+def _has_duplicate(unit: Tensor, start: int, stop: int, cos_threshold: float) -> Tensor:
+    """For rows ``start:stop`` of unit-norm ``unit`` (``(m, n)`` or ``(B, m, n)``): does some
+    other row have cosine similarity ``>= cos_threshold`` with it?"""
+    sim = unit[..., start:stop, :] @ unit.mT
+    r = torch.arange(stop - start)
+    sim[..., r, start + r] = -2.0  # not with itself
+    return (sim >= cos_threshold).any(dim=-1)
+
+
 def duplicate_rows(W: Tensor, cos_threshold: float = 0.999, chunk_rows: int = 1024) -> int:
     """Number of non-zero rows whose cosine similarity with some other row is ``>= threshold``.
 
     Cost ``O(m^2 n)``, computed in row chunks: run it on a row biopsy for large ``m``.
     """
-    Wc = as_compute_tensor(W, torch.float32)
-    norms = Wc.norm(dim=1)
-    live = norms > 0
-    rows = Wc[live] / norms[live, None]
+    unit, live = _unit_rows(as_compute_tensor(W, torch.float32))
+    rows = unit[live]
     m = rows.shape[0]
-    dup = torch.zeros(m, dtype=torch.bool)
-    for start in range(0, m, chunk_rows):
-        sim = rows[start:start + chunk_rows] @ rows.T
-        idx = torch.arange(start, min(start + chunk_rows, m))
-        sim[idx - start, idx] = -2.0
-        dup[start:start + chunk_rows] = (sim >= cos_threshold).any(dim=1)
-    return int(dup.sum())
+    return sum(int(_has_duplicate(rows, start, min(start + chunk_rows, m), cos_threshold).sum())
+               for start in range(0, m, chunk_rows))
 
 
 def duplicate_rows_batched(stack: Tensor, cos_threshold: float = 0.999) -> list[int]:
     """:func:`duplicate_rows` of each matrix of a ``(B, m, n)`` stack, in one batched product.
 
-    Zero rows take no part (a zero row is normalized to zero, whose cosine with every row is
-    0, below any positive threshold); the threshold must therefore be positive.
+    Zero rows take no part (a zero row stays zero, whose cosine with every row is 0, below any
+    positive threshold); the threshold must therefore be positive.
     """
     if not cos_threshold > 0:
         raise ValueError(f"duplicate_rows_batched needs a positive threshold, got {cos_threshold}")
-    S = as_compute_tensor(stack, torch.float32)
-    norms = S.norm(dim=-1, keepdim=True)
-    rows = S / torch.where(norms > 0, norms, 1.0)
-    sim = rows @ rows.mT
-    sim.diagonal(dim1=-2, dim2=-1).fill_(-2.0)
-    return (sim >= cos_threshold).any(dim=-1).sum(dim=-1).tolist()
+    unit, _ = _unit_rows(as_compute_tensor(stack, torch.float32))
+    return _has_duplicate(unit, 0, unit.shape[-2], cos_threshold).sum(dim=-1).tolist()
 
 
 def hygiene(W: Tensor, duplicate_threshold: float = 0.999) -> Hygiene:

@@ -203,6 +203,10 @@ class Thresholds:
                 return self.default.merged(group.overrides)
         return self.default
 
+    def rules(self) -> list[Rule]:
+        """Every rule these thresholds can apply: the default, then each group's."""
+        return [self.default, *(self.default.merged(g.overrides) for g in self.groups)]
+
     def group_for(self, name: str) -> str | None:
         return next((g.name for g in self.groups if g.matches(name)), None)
 

@@ -150,8 +150,7 @@ def audit(path: str | Path | Sequence[str | Path] | torch.nn.Module | Mapping, *
 def _alpha_estimator_notes(th: Thresholds, alpha: str) -> list[str]:
     """Alpha bounds judge only the alpha of the estimator they were learned with: ``ValueError``
     when a calibrated file names another one than the audit's, a note when it names none."""
-    rules = [th.default, *(th.default.merged(g.overrides) for g in th.groups)]
-    if not any(r.alpha_min is not None or r.alpha_max is not None for r in rules):
+    if not any(r.alpha_min is not None or r.alpha_max is not None for r in th.rules()):
         return []
     learned = th.provenance.get("alpha_estimator")
     if learned is None:
@@ -166,8 +165,7 @@ def _alpha_estimator_notes(th: Thresholds, alpha: str) -> list[str]:
 
 def _largest_stable_rank_floor(th: Thresholds) -> float:
     """The largest ``stable_rank_min`` any rule of ``th`` sets (0 when none does)."""
-    rules = [th.default, *(th.default.merged(g.overrides) for g in th.groups)]
-    floors = [r.stable_rank_min for r in rules if r.stable_rank_min is not None]
+    floors = [r.stable_rank_min for r in th.rules() if r.stable_rank_min is not None]
     return max(floors, default=0.0)
 
 

@@ -285,6 +285,12 @@ def _metrics(ms: list[torch.Tensor], mode: str, alpha: str) -> list[SpectralMetr
     return [spectral_metrics(M.T if M.shape[0] < M.shape[1] else M, mode="exact", alpha=alpha)]
 
 
+def _one_by_one(results: list[MatrixResult], measured: list[_Measured]) -> bool:
+    """Is each of this tensor's matrices decomposed on its own (one matrix, or a fused
+    projection's blocks, as separate projections would be), not as one stack of experts?"""
+    return len(measured) == 1 or results[0].read_as in FUSED_READ_AS
+
+
 def _decompose(results: list[MatrixResult], measured: list[_Measured], mode: str,
                alpha: str, row_sr_below: float = math.inf) -> list[MatrixResult]:
     """Decompose one tensor's measured matrices (batched for a stack of experts; a fused
@@ -293,7 +299,7 @@ def _decompose(results: list[MatrixResult], measured: list[_Measured], mode: str
     with intra_op_threads(1 if small else None):
         finite = [i for i, m in enumerate(measured) if m.scan.nonfinite == 0]
         metrics: list[SpectralMetrics | None] = [None] * len(measured)
-        alone = len(measured) == 1 or results[0].read_as in FUSED_READ_AS
+        alone = _one_by_one(results, measured)
         for idx in [[i] for i in finite] if alone else [finite] if finite else []:
             for i, met in zip(idx, _metrics([measured[i].matrix for i in idx], mode, alpha),
                               strict=True):
@@ -308,9 +314,9 @@ def _stackable(results: list[MatrixResult], measured: list[_Measured]) -> bool:
     """Biopsy mode: are this tensor's matrices decomposed in stacks with other tensors' (one
     matrix, or a fused projection's blocks; biopsy-size; 8/16/32-bit storage)? Exactly the
     matrices :func:`_metrics` sends through the float64 Gram path one by one."""
-    alone = len(measured) == 1 or results[0].read_as in FUSED_READ_AS
-    return alone and all(max(m.matrix.shape) <= SMALL_SVD and m.matrix.dtype != torch.float64
-                         and m.matrix.device.type == "cpu" for m in measured)
+    return _one_by_one(results, measured) and all(
+        max(m.matrix.shape) <= SMALL_SVD and m.matrix.dtype != torch.float64
+        and m.matrix.device.type == "cpu" for m in measured)
 
 
 Pending = list[tuple[MatrixResult, _Measured]]

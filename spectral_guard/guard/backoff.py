@@ -122,8 +122,9 @@ class LRBackoff:
 
     def on_check(self, treated: int, penalized: int, quorum: float, step: int,
                  check_period: int) -> None:
-        """One update of the ``"graded"`` policy at ``step`` (``treated`` of ``penalized``
-        layers treated for collapse now); nothing under ``"alarm"`` or when off."""
+        """One update of the ``"graded"`` policy at ``step`` (``treated``: the penalized layers
+        collapsing now as ``lr_count`` counts them, of ``penalized``); nothing under
+        ``"alarm"`` or when off."""
         if self.policy != "graded" or not self.enabled:
             return
         last, self.updated_step = self.updated_step, step

@@ -305,11 +305,8 @@ class GuardConfig:
         return load_thresholds(self.thresholds)
 
     def with_overrides(self, **overrides: Any) -> GuardConfig:
-        for old in set(overrides) & set(RENAMED):
-            warnings.warn(f"GuardConfig: {old} is now {RENAMED[old]}", DeprecationWarning,
-                          stacklevel=3)
-            overrides[RENAMED[old]] = overrides.pop(old)
-        known = {f.name for f in fields(self)}
+        # NB: the former names are init-only fields: replace() hands them to __post_init__
+        known = {f.name for f in fields(self)} | set(RENAMED)
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(f"unknown GuardConfig field(s): {', '.join(unknown)}")
