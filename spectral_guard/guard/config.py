@@ -117,6 +117,14 @@ class GuardConfig:
                           ``(q_module, k_module[, n_heads])`` tuples (the same name twice: a
                           fused ``[q; k; v]`` projection)
 
+    Block updates (``guard/blocks.py``): per transformer block (a list element holding an
+      attention pair) ``u = RMS(block output - block input)`` on the training forward, checked
+      every ``every`` steps
+      block_guard         enable the block-update guard
+      block_max_update    target ``t`` on ``u``; ``None``: ``max(1, 1.5 u_0)`` (1: the scale of
+                          a unit-gain normalized input; ``u_0`` the block's first reading)
+      block_lambda        ``lambda_base`` of its thermostat (hinge ``lambda relu(u / t - 1)^2``)
+
     The alarm's former names (:data:`RENAMED`: ``msign_quorum``, ``msign_alarm``,
     ``msign_fall``, ``msign_depth``) are accepted as keywords, with a ``DeprecationWarning``.
     """
@@ -167,6 +175,10 @@ class GuardConfig:
     attention_max_scale: float | None = None
     attention_lambda: float = 0.1
     attention_pairs: tuple[tuple[Any, ...], ...] | None = None
+    # block updates
+    block_guard: bool = True
+    block_max_update: float | None = None
+    block_lambda: float = 0.1
     # former names (RENAMED): init-only, mapped in __post_init__
     msign_quorum: InitVar[Any] = _UNSET
     msign_alarm: InitVar[Any] = _UNSET
@@ -230,6 +242,10 @@ class GuardConfig:
             raise ValueError(f"attention_max_scale must be > 0, got {self.attention_max_scale}")
         if self.attention_lambda < 0:
             raise ValueError(f"attention_lambda must be >= 0, got {self.attention_lambda}")
+        if self.block_max_update is not None and not self.block_max_update > 0:
+            raise ValueError(f"block_max_update must be > 0, got {self.block_max_update}")
+        if not self.block_lambda >= 0:
+            raise ValueError(f"block_lambda must be >= 0, got {self.block_lambda}")
         if self.attention_pairs is not None:
             pairs = tuple(tuple(p) for p in self.attention_pairs)
             if any(len(p) not in (2, 3) for p in pairs):

@@ -22,6 +22,7 @@ from . import persist, sharded
 from . import stats as report
 from .attention import AttentionGuard
 from .backoff import LRBackoff
+from .blocks import BlockGuard
 from .clock import Follower
 from .config import GuardConfig
 from .cycle import LayerChecks
@@ -52,6 +53,7 @@ class Guard:
                                             config.lr_grace)
         self.signs = MatrixSigns(config, alarm or quorum_alarm, self.backoff)
         self.attention: AttentionGuard | None = None
+        self.blocks: BlockGuard | None = None
         self.last_penalty: Tensor | None = None
         self.penalty_host: tuple[int, float] | None = None   # (step, value): PenaltyCopy
         self._penalty_copy = PenaltyCopy(self)
@@ -69,6 +71,9 @@ class Guard:
             self.cycle.take_baselines(range(len(self.layers)), self.checks, 0)
             if config.attention:
                 self.attention = AttentionGuard(model, config, self.layer_names, self.checks)
+            if config.block_guard:
+                self.blocks = BlockGuard(model, config, self.attention.pairs
+                                         if self.attention is not None else None)
             self.checks.advance(0, self._components(), apply=False)
         except BaseException:
             self._uninstall()
@@ -77,9 +82,10 @@ class Guard:
     # -- the clock (hook entry points) --------------------------------------------------------
 
     def _components(self) -> list[Any]:
-        """The check cycle's order: layers, the matrix sign, attention, the penalty's copy."""
+        """The check cycle's order: layers, the matrix sign, attention, blocks, the penalty's
+        copy."""
         return [self.cycle, SignStep(self)] + ([self.attention] if self.attention else []) \
-            + [self._penalty_copy]
+            + ([self.blocks] if self.blocks else []) + [self._penalty_copy]
 
     def step(self) -> None:
         """Advance the guard's clock by one optimizer step (automatic with ``step_on``)."""
@@ -127,7 +133,7 @@ class Guard:
 
     def _build(self, device: torch.device | None) -> Tensor | None:
         total = build(self.layers, self.config.actuator, self.attention, device,
-                      self.penalty_scale)
+                      self.penalty_scale, self.blocks)
         self.last_penalty = None if total is None else total.detach()
         return total
 
@@ -215,6 +221,8 @@ class Guard:
         self._root_handles, self._forwards = [], 0
         if self.attention is not None:
             self.attention.remove()
+        if self.blocks is not None:
+            self.blocks.remove()
         self.checks.shutdown()
 
     def __deepcopy__(self, memo: dict) -> Guard:

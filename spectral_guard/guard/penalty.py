@@ -1,4 +1,5 @@
-"""The guard's loss term: ``penalty_scale * (sum_treated lambda_l P_l(W_l) + attention hinge)``.
+"""The guard's loss term: ``penalty_scale * (sum_treated lambda_l P_l(W_l) + attention hinge +
+block-update hinge)``.
 
 Built in the training forward (``auto_loss``) or by :meth:`Guard.penalty`, with autocast off
 (the terms of :mod:`.penalties` choose their own precision: 16-bit weights stay 16-bit) and
@@ -36,9 +37,10 @@ def layer_term(layer: GuardedLayer, actuator: str) -> Tensor | None:
 
 
 def build(layers: list[GuardedLayer], actuator: str, attention: Any,
-          device: torch.device | None, scale: float = 1.0) -> Tensor | None:
+          device: torch.device | None, scale: float = 1.0, blocks: Any = None) -> Tensor | None:
     """The whole penalty on ``device`` (each term on its weight's device when ``None``), or
-    ``None`` when nothing is treated."""
+    ``None`` when nothing is treated (``blocks``: the block-update terms of the latest
+    training forward, :mod:`.blocks`)."""
     total: Tensor | None = None
     for layer in layers:
         if not layer.state.treated or not layer.penalized:
@@ -53,6 +55,10 @@ def build(layers: list[GuardedLayer], actuator: str, attention: Any,
         total = term if total is None else total + term
     if attention is not None:
         term = attention.penalty(device)
+        if term is not None:
+            total = term if total is None else total + term.to(total.device)
+    if blocks is not None:
+        term = blocks.penalty(device)
         if term is not None:
             total = term if total is None else total + term.to(total.device)
     if total is not None and scale != 1.0:

@@ -1,5 +1,5 @@
 """The guard's state dict: clock, per-layer host state and device vectors, the check in
-flight, the attention component, the alarm's latch and log state, the back-off and
+flight, the attention and block components, the alarm's latch and log state, the back-off and
 ``guard.history`` (the newest ``config.history`` records).
 
 A resumed run applies the saved in-flight check at the same step as an uninterrupted one.
@@ -67,6 +67,7 @@ def save(guard: Any) -> dict[str, Any]:
         } for layer in guard.layers},
         "inflight": inflight,
         "attention": None if guard.attention is None else guard.attention.state_dict(),
+        "blocks": None if guard.blocks is None else guard.blocks.state_dict(guard.checks),
         "msign_alarm_seen": guard.signs.alarm_seen,
         "signs": guard.signs.state_dict(),
         "history": [dict(record) for record in guard.history],
@@ -135,4 +136,6 @@ def load(guard: Any, state: dict[str, Any]) -> int:
                               for d in inflight["measurements"]])
     if guard.attention is not None and state.get("attention") is not None:
         guard.attention.load_state_dict(state["attention"])
+    if guard.blocks is not None and state.get("blocks") is not None:
+        guard.blocks.load_state_dict(state["blocks"], guard.checks)
     return int(state["step"])

@@ -56,8 +56,11 @@ def stats(guard: Any) -> dict[str, Any]:
         "failed_checks": sum(v["failed_checks"] for v in layers.values()),
         "guard_time_s": guard.guard_time_s,
     }
-    return {"layers": layers, "totals": totals,
-            "skipped": {s.name: s.reason for s in guard.skipped}}
+    out = {"layers": layers, "totals": totals,
+           "skipped": {s.name: s.reason for s in guard.skipped}}
+    if guard.blocks is not None:
+        out["blocks"] = guard.blocks.stats()
+    return out
 
 
 def metrics(guard: Any) -> dict[str, float]:
@@ -86,7 +89,8 @@ def metrics(guard: Any) -> dict[str, float]:
         "nonfinite_layers": float(t["nonfinite_layers"]),
         "penalty": penalty,
         "penalty_step": float(step),
-    } | (guard.attention.metrics() if guard.attention is not None else {})
+    } | (guard.attention.metrics() if guard.attention is not None else {}) \
+        | (guard.blocks.metrics() if guard.blocks is not None else {})
 
 
 def render(guard: Any, console: Any = None) -> None:
