@@ -133,7 +133,14 @@ class Probe(TrainerCallback):
                 ent = -(a * a.clamp_min(1e-12).log()).sum(-1)
                 ents.append(float(ent[:, :, 16:].mean()))
                 pmax.append(float(a.max(-1).values[:, :, 16:].mean()))
-            row.update(ent=ents, pmax=pmax, probe_loss=float(out.loss),
+            branch: list[float] = []
+            hooks = [mod.register_forward_hook(lambda mod, i, o: branch.append(float(
+                (o[0] if isinstance(o, tuple) else o).pow(2).mean().sqrt())))
+                for L in m.model.layers for mod in (L.self_attn, L.mlp)]
+            m(input_ids=self.x)
+            for h in hooks:
+                h.remove()
+            row.update(ent=ents, pmax=pmax, probe_loss=float(out.loss), branch=branch,
                        hrms=[float(h.pow(2).mean().sqrt()) for h in out.hidden_states],
                        layers=layer_probe(m, self.x))
         self.rows.append(row)
@@ -192,10 +199,10 @@ def summary(path: Path, steps: tuple[int, ...] = (20, 30, 40, 50, 60, 100, 200, 
         for p in r["probe"]:
             if p["step"] not in steps:
                 continue
-            lay = p["layers"]
+            lay = p.get("layers", [])   # runs made before the layer probe had none
 
             def col(key: str, fmt: str = "{:.2f}", lay: list = lay) -> str:
-                return "/".join(fmt.format(x[key]) for x in lay)
+                return "/".join(fmt.format(x[key]) for x in lay) or "-"
 
             print(f"  {p['step']:4d} train {train.get(p['step'], float('nan')):.3f} "
                   f"entropy {'/'.join(f'{e:.2f}' for e in p['ent'])} "

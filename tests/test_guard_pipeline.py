@@ -305,3 +305,33 @@ def test_stacked_same_shape_layers_read_what_one_by_one_layers_read(monkeypatch)
             assert stacked[name][key] == pytest.approx(value, rel=1e-4, nan_ok=True), (name, key)
     for a, b in zip(u_plain, u_stacked, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["wrap", "in_place"])
+def test_compiled_model_with_treated_blocks_does_not_recompile(how):
+    """The block hooks read one flag (some block treated); once both of its variants are
+    compiled, lambdas and targets changing at every check recompile nothing."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    dynamo.reset()
+    counters.clear()
+    model = seeded_model(0, n_layers=2, d=32, seq=16)
+    guard = spectral_guard.instrument(model, ratio=0.5, block_max_update=1e-6)
+    run = torch.compile(model, backend="aot_eager") if how == "wrap" else model
+    if how == "in_place":
+        model.compile(backend="aot_eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    lambdas = []
+    for step, (x, y) in enumerate(_batches(10)):
+        if step == 3:  # both variants seen: from here on a recompile is an error
+            graphs = counters["stats"]["unique_graphs"]
+            dynamo.config.error_on_recompile = True
+        out = run(x, y)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        lambdas.append(guard.blocks.states[0].lam)
+    dynamo.config.error_on_recompile = False
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert lambdas[0] == 0 and len(set(lambdas[3:])) > 1 and guard.metrics()["penalty"] > 0

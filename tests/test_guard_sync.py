@@ -111,6 +111,16 @@ def test_no_sync_under_gradient_accumulation():
     assert_no_guard_syncs(probe)
 
 
+def test_no_sync_with_every_block_treated():
+    """The block hooks build their terms on the forward's activations; lambdas stay host."""
+    model = _model()
+    guard = spectral_guard.instrument(model, block_max_update=1e-6)   # every block over
+    probe = _train(model, guard, 4)
+    assert guard.metrics()["block_treated"] == guard.metrics()["blocks"] > 0
+    assert guard.metrics()["penalty"] > 0
+    assert_no_guard_syncs(probe)
+
+
 def test_no_sync_with_the_attention_rescale():
     model = _model()
     guard = spectral_guard.instrument(model, attention_actuator="rescale",
