@@ -276,3 +276,43 @@ def test_bf16_autocast_reads_a_low_rank_layer_as_fp32():
     assert 6.0 <= fp32 <= 10.0   # rank 6 plus the noise floor (6.31 on CPU)
     assert _erank_after_one_check("cuda", autocast=True) == pytest.approx(fp32, rel=1e-4)
     assert _erank_after_one_check("cpu", autocast=False) == pytest.approx(fp32, rel=1e-4)
+
+
+@cuda
+def test_block_guard_under_bf16_autocast_reads_float32_and_makes_no_host_sync():
+    """Every block treated (tiny target): the hooks' readings are float32 under bf16 autocast,
+    match an fp32 forward of the same weights, and the steps make no host sync."""
+    model = _OnDevice(3).cuda()
+    guard = spectral_guard.instrument(model, block_max_update=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = _batches(6, "cuda")
+    for i, (x, y) in enumerate(batches[:5]):
+        if i == 3:   # warm-up done, the blocks treated since step 2
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with SyncProbe() as probe:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(x, y)["loss"]
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert [str(r) for r in probe.from_package()] == []
+    assert guard.metrics()["block_treated"] == 2
+    x, _ = batches[5]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x, batches[5][1])
+    got = [u.item() for u in guard.blocks._latest]
+    assert all(u.dtype == torch.float32 for u in guard.blocks._latest)
+    with torch.no_grad():
+        inner = model.inner
+        h = inner.wte(x) + inner.wpe(torch.arange(x.shape[1], device=x.device))
+        ref = []
+        for block in inner.blocks:
+            out = block(h)
+            ref.append(math.sqrt(((out.double() - h.double()) ** 2).mean().item()))
+            h = out
+    assert got == pytest.approx(ref, rel=0.05)   # bf16 matmuls inside the blocks
+    guard.remove()
