@@ -66,6 +66,9 @@ def test_find_blocks_in_model_order() -> None:
     pairs, _ = spectral_guard.attention_pairs.find_pairs(mha)
     assert [n for n, _ in find_blocks(mha, pairs)] == ["blocks.0", "blocks.1"]
     assert find_blocks(nn.Sequential(nn.Linear(4, 4)), []) == []
+    stack = nn.Sequential(*seeded_model(0, n_layers=2).blocks)   # the model is the list
+    pairs, _ = spectral_guard.attention_pairs.find_pairs(stack)
+    assert [n for n, _ in find_blocks(stack, pairs)] == ["0", "1"]
 
 
 def test_readings_match_an_independent_forward() -> None:

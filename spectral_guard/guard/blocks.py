@@ -94,8 +94,9 @@ def find_blocks(model: nn.Module, pairs: list[Any]) -> list[tuple[str, nn.Module
     for pair in pairs:
         parts = pair.name.split(".")
         for cut in range(len(parts), 0, -1):
-            parent = ".".join(parts[:cut - 1])
-            if isinstance(modules.get(parent), (nn.ModuleList, nn.Sequential)) and cut > 1:
+            parent = ".".join(parts[:cut - 1])   # "" is the model itself
+            if parts[cut - 1] and isinstance(modules.get(parent),
+                                             (nn.ModuleList, nn.Sequential)):
                 names.add(".".join(parts[:cut]))
                 break
     return [(n, m) for n, m in model.named_modules() if n in names]
