@@ -10,11 +10,8 @@ forward is its **update scale**
 and its target ``t_b = max(1, BLOCK_MARGIN * u_0)``: the scale of a normalized input, or, for a
 block that already wrote more than that when first seen (pretrained weights: large,
 structured activations are part of what such models learned), a margin over its own first
-reading ``u_0``. A learning rate too high makes a few blocks write tens of times their input
-scale within a few dozen steps (*massive activations*): the attention that reads such a stream
-collapses and the run does not recover when the learning rate comes down. No weight-only
-reading sees this early: the weights' spectra move the same way in a healthy run, only later.
-What was measured, and on which runs: docs/efficacy-client.md ("What damages the 4x run").
+reading ``u_0``. Why this reading, and the runs it was chosen and validated on:
+docs/efficacy-client.md ("What damages the 4x run") and docs/efficacy.md.
 
 Actuator: the thermostat's hinge on the training forward's own activations,
 ``lambda_b * relu(u_b / t_b - 1)^2`` (:func:`update_hinge`), with ``lambda_b`` following the
@@ -29,6 +26,13 @@ tensor (or a tuple starting with one) of its first input's shape.
 
 Timing: the latest readings ride the guard's packed copy (:mod:`.protocol`) at each check and
 are applied one step later, as the layer and attention checks are; no host read in the step.
+
+Example:
+    >>> x = torch.zeros(2, 4, 8)
+    >>> float(update_scale(x, x + 3.0))            # every element moved by 3
+    3.0
+    >>> float(update_hinge(torch.tensor(3.0), 2.0))    # (3 / 2 - 1)^2
+    0.25
 """
 
 from __future__ import annotations
