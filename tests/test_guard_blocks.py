@@ -175,8 +175,10 @@ def test_remove_takes_the_hooks_off() -> None:
     hooks = [len(b._forward_hooks) for b in model.blocks]
     guard = spectral_guard.instrument(model)
     assert [len(b._forward_hooks) for b in model.blocks] == [h + 1 for h in hooks]
+    assert len(model._forward_pre_hooks) == 1   # the block guard's "a forward starts"
     guard.remove()
     assert [len(b._forward_hooks) for b in model.blocks] == hooks
+    assert not model._forward_pre_hooks and not model._forward_hooks
 
 
 def test_off_and_validation() -> None:
@@ -188,3 +190,26 @@ def test_off_and_validation() -> None:
         GuardConfig(block_max_update=0.0)
     with pytest.raises(ValueError, match="block_lambda"):
         GuardConfig(block_lambda=-1.0)
+
+
+@pytest.mark.parametrize("mode", [True, "reentrant"])
+def test_activation_checkpointing_with_treated_blocks(mode) -> None:
+    """Non-reentrant checkpointing: the blocks are read (as without checkpointing) and their
+    terms train, the recomputation in backward saving what the forward saved; reentrant
+    checkpointing runs the blocks' forward without grad: they are not read, and nothing
+    fails."""
+    plain = seeded_model(7, n_layers=2)
+    model = seeded_model(7, n_layers=2, checkpoint=mode)
+    guards = [spectral_guard.instrument(m, block_max_update=0.01, attention=False,
+                                        msign_every=0) for m in (plain, model)]
+    losses = [train(m, g, 4) for m, g in zip((plain, model), guards, strict=True)]
+    ref, got = guards
+    if mode is True:
+        assert got.metrics()["block_treated"] == 2
+        assert [st.scale for st in got.blocks.states] == pytest.approx(
+            [st.scale for st in ref.blocks.states], rel=1e-5)
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    else:
+        assert [st.checks for st in got.blocks.states] == [0, 0]
+    for g in guards:
+        g.remove()

@@ -22,7 +22,9 @@ guard.
 
 Blocks (:func:`find_blocks`): the elements of an ``nn.ModuleList`` or ``nn.Sequential`` that hold
 an attention pair (:func:`~spectral_guard.attention_pairs.find_pairs`), whose forward returns a
-tensor (or a tuple starting with one) of its first input's shape.
+tensor (or a tuple starting with one) of its first input's shape. A block is read during the
+model's own training forward only: not when activation checkpointing re-runs it in backward,
+nor at all under reentrant checkpointing (whose forward runs without grad).
 
 Timing: the latest readings ride the guard's packed copy (:mod:`.protocol`) at each check and
 are applied one step later, as the layer and attention checks are; no host read in the step.
@@ -142,8 +144,21 @@ class BlockGuard:
         self._building = False   # some block is treated: the hooks keep u_b's graph
         self._pending = False
         self._launched: list[int] | None = None
+        self._in_forward = False  # inside the model's own forward (not a backward's recompute)
+        if self.names:
+            self._handles += [model.register_forward_pre_hook(self._root(True)),
+                              model.register_forward_hook(self._root(False))]
 
     # -- training thread -----------------------------------------------------------------------
+
+    def _root(self, begin: bool) -> Any:
+        """The model's pre-hook (``begin``: a forward starts, the previous one's terms are
+        dropped) or post-hook (it ended)."""
+        def hook(module: nn.Module, *_: Any) -> None:
+            if begin:
+                self._graph = [None] * len(self._graph)
+            self._in_forward = begin
+        return hook
 
     def _hook(self, i: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -158,6 +173,11 @@ class BlockGuard:
             # compiled forward has at most two variants; lambdas and targets stay eager
             with no_autocast(y.device.type), torch.set_grad_enabled(self._building):
                 u = update_scale(x, y)
+            # NB a block re-run by activation checkpointing in backward computes the same (the
+            # recomputation must save what the forward saved) but is not a forward of the
+            # model: its reading and term, of a graph being consumed, are dropped
+            if not self._in_forward:
+                return
             self._graph[i] = u if self._building else None
             self._latest[i] = u.detach()
             self._pending = True
