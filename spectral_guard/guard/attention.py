@@ -55,7 +55,7 @@ from ..attention_pairs import AttentionPair, find_pairs
 from ..estimators import name_seed, no_autocast
 from .protocol import AsyncChecks, HostFn, Packer, Slot
 from .sampling import LayerSchedule, check_index
-from .thermostat import ceiling_severity, update_lambda
+from .thermostat import ceiling_update
 
 Tensor = torch.Tensor
 
@@ -271,12 +271,12 @@ class AttentionGuard:
             st.scale = max(finite) if finite else math.nan
             st.checks += 1
             st.last_checked_step = launched.step
-            fired = finite != [] and st.scale > st.target
+            lam, fired = ceiling_update(st.lam, st.scale, st.target, self.lambda_base,
+                                        self.config.gain, self.config.decay,
+                                        self.config.lambda_floor)
             st.interventions += int(fired)
             if self.actuator == "penalty":
-                sev = ceiling_severity(st.scale, st.target) if fired else 0.0
-                st.lam = update_lambda(st.lam, fired, sev, self.lambda_base, self.config.gain,
-                                       self.config.decay, self.config.lambda_floor)
+                st.lam = lam
 
     def on_step(self, step: int) -> None:
         """Clock advance to ``step`` (standalone): apply the readings launched at

@@ -51,7 +51,7 @@ from ..attention_pairs import find_pairs
 from ..estimators import no_autocast
 from .protocol import HostFn, Packer
 from .sampling import check_index
-from .thermostat import ceiling_severity, update_lambda
+from .thermostat import ceiling_update
 
 Tensor = torch.Tensor
 
@@ -142,7 +142,6 @@ class BlockGuard:
             self._blocks.append(weakref.ref(block))
             self._handles.append(block.register_forward_hook(self._hook(i), with_kwargs=True))
         self._building = False   # some block is treated: the hooks keep u_b's graph
-        self._pending = False
         self._launched: list[int] | None = None
         self._in_forward = False  # inside the model's own forward (not a backward's recompute)
         if self.names:
@@ -180,7 +179,6 @@ class BlockGuard:
                 return
             self._graph[i] = u if self._building else None
             self._latest[i] = u.detach()
-            self._pending = True
         return hook
 
     def penalty(self, device: torch.device | str | None = None) -> Tensor | None:
@@ -201,14 +199,15 @@ class BlockGuard:
         return total
 
     def launch(self, step: int, packer: Packer) -> HostFn | None:
-        """At a check (every ``every`` steps): the latest readings into ``packer``."""
-        if check_index(step, self.config.every) is None or not self._pending:
+        """At a check (every ``every`` steps): the readings taken since the last launch into
+        ``packer`` (each reading is shipped once)."""
+        if check_index(step, self.config.every) is None:
             return None
         order = [i for i, u in enumerate(self._latest) if u is not None]
         if not order:
             return None
-        self._pending = False
         slot = packer.put(torch.stack([self._latest[i].float().reshape(()) for i in order]))
+        self._latest = [None] * len(self._latest)
         self._launched = order
         return lambda shipment: shipment.read(slot).tolist()
 
@@ -227,11 +226,10 @@ class BlockGuard:
                     st.target = max(1.0, BLOCK_MARGIN * u)
             st.scale = u
             st.checks += 1
-            fired = u > st.target
+            st.lam, fired = ceiling_update(st.lam, u, st.target, self.lambda_base,
+                                           self.config.gain, self.config.decay,
+                                           self.config.lambda_floor)
             st.interventions += int(fired)
-            sev = ceiling_severity(u, st.target) if fired else 0.0
-            st.lam = update_lambda(st.lam, fired, sev, self.lambda_base, self.config.gain,
-                                   self.config.decay, self.config.lambda_floor)
         self._building = any(st.lam > 0 for st in self.states)
 
     # -- reports and state ---------------------------------------------------------------------

@@ -53,12 +53,8 @@ def build(layers: list[GuardedLayer], actuator: str, attention: Any,
         term = torch.where(torch.isfinite(term), term, torch.zeros_like(term))
         term = term.to(device or W.device)
         total = term if total is None else total + term
-    if attention is not None:
-        term = attention.penalty(device)
-        if term is not None:
-            total = term if total is None else total + term.to(total.device)
-    if blocks is not None:
-        term = blocks.penalty(device)
+    for component in (attention, blocks):
+        term = component.penalty(device) if component is not None else None
         if term is not None:
             total = term if total is None else total + term.to(total.device)
     if total is not None and scale != 1.0:

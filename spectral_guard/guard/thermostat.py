@@ -49,3 +49,17 @@ def update_lambda(lam: float, triggered: bool, severity: float, lambda_base: flo
         return lambda_base * (1.0 + gain * min(1.0, max(0.0, severity)))
     lam = decay * lam
     return 0.0 if lam < floor * lambda_base else lam
+
+
+def ceiling_update(lam: float, x: float, threshold: float, lambda_base: float, gain: float,
+                   decay: float, floor: float) -> tuple[float, bool]:
+    """One check of a reading ``x`` against a ceiling ``t`` (pure): ``(new lambda, triggered)``,
+    triggered when ``x > t`` (never for NaN), severity :func:`ceiling_severity`.
+
+    Example:
+        >>> ceiling_update(0.0, 2.0, 1.0, lambda_base=0.1, gain=4.0, decay=0.5, floor=0.01)
+        (0.30000000000000004, True)
+    """
+    fired = ceiling_triggered(x, threshold)
+    sev = ceiling_severity(x, threshold) if fired else 0.0
+    return update_lambda(lam, fired, sev, lambda_base, gain, decay, floor), fired
